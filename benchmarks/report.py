@@ -1,0 +1,102 @@
+"""Measure the course's bars and write them to benchmarks/REPORT.md.
+
+    python benchmarks/report.py              lessons, autograde, and the attention benchmarks
+    python benchmarks/report.py --quick      lessons and autograde only
+
+Bars (COURSE.md): each solution notebook <= 90 s and all of them <= 10 min on a 2-core CPU;
+autograding one student's full submission (every lesson) <= 2 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import nbclient
+import nbformat
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from helpers.course.autograde import autograde  # noqa: E402
+from helpers.course.lessons import find_lessons  # noqa: E402
+from helpers.course.release import answered_notebook  # noqa: E402
+from helpers.course.source import build_notebook  # noqa: E402
+
+
+def time_solutions(lessons) -> list[tuple[str, float]]:
+    """Seconds to execute each solution notebook top to bottom, kernel start included."""
+    times = []
+    for lesson in lessons:
+        notebook = build_notebook(lesson.script)
+        started = time.perf_counter()
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(lesson.script.parent)}}).execute()
+        times.append((lesson.name, time.perf_counter() - started))
+        print(f"  {lesson.name}: {times[-1][1]:.1f} s", flush=True)
+    return times
+
+
+def time_autograde(lessons, jobs: int) -> tuple[float, float, float]:
+    """Seconds to autograde one student who answered every lesson; returns (time, score, max)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        submissions = Path(scratch) / "submissions"
+        for lesson in lessons:
+            target = submissions / "student" / lesson.name
+            target.mkdir(parents=True)
+            nbformat.write(answered_notebook(lesson), target / f"{lesson.name}.ipynb")
+        started = time.perf_counter()
+        rows, _ = autograde(submissions, Path(scratch) / "out", lessons, jobs=jobs, progress=lambda line: None)
+        elapsed = time.perf_counter() - started
+    return elapsed, sum(row.score for row in rows), sum(row.max_score for row in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="skip the attention benchmarks")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="autograde --jobs")
+    args = parser.parse_args()
+    lessons = find_lessons(ROOT)
+    print("executing the solution notebooks")
+    solutions = time_solutions(lessons)
+    print("autograding one full submission")
+    graded, score, max_score = time_autograde(lessons, args.jobs)
+
+    total = sum(seconds for _, seconds in solutions)
+    lines = [
+        "# Benchmark report",
+        "",
+        f"{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"device {'cuda' if torch.cuda.is_available() else 'cpu'}. Made by `python benchmarks/report.py`.",
+        "",
+        "## Solution notebooks, executed top to bottom (bar: <= 90 s each, <= 10 min in all)",
+        "",
+        "| lesson | seconds | within 90 s |",
+        "|---|---:|---|",
+        *[f"| {name} | {seconds:.1f} | {'yes' if seconds <= 90 else 'NO'} |" for name, seconds in solutions],
+        f"| **all {len(solutions)}** | **{total:.1f}** | {'yes' if total <= 600 else 'NO'} (10 min) |",
+        "",
+        "## Autograding one student's full submission (bar: <= 2 min)",
+        "",
+        f"{len(lessons)} notebooks, `--jobs {args.jobs}`: **{graded:.1f} s**, score {score:g}/{max_score:g}, "
+        f"{'within' if graded <= 120 else 'OVER'} the bar.",
+    ]
+    if not args.quick:
+        import bench_mha
+
+        lines += ["", "## Multi-head attention, one forward", "", bench_mha.run()]
+    report = "\n".join(lines) + "\n"
+    (ROOT / "benchmarks" / "REPORT.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

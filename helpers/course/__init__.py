@@ -1,0 +1,1 @@
+"""Instructor tools: build lessons, release student notebooks, check them, autograde."""

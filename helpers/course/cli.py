@@ -1,0 +1,121 @@
+"""``attention-course``: the one command line for students and instructors.
+
+    attention-course lab                               open JupyterLab on your copy of notebooks/
+    attention-course release [LESSON ...]              regenerate notebooks/ from solutions/
+    attention-course check                             notebooks/ is in sync and leaks nothing
+    attention-course autograde SUBMISSIONS --out DIR   grade a folder of submissions
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers.course.lessons import CourseError, find_lessons, find_root
+
+
+def _lab(args: argparse.Namespace) -> int:
+    root = find_root()
+    work = Path(args.dir).resolve() if args.dir else root / "my-work"
+    for lesson in find_lessons(root):
+        target = work / lesson.name
+        if not target.exists() and lesson.student.is_file():
+            target.mkdir(parents=True)
+            shutil.copy2(lesson.student, target / lesson.student.name)
+            print(f"copied {lesson.name} into {target}")
+    print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released)")
+    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={work}"] + args.jupyter_args
+    return subprocess.call(command)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from helpers.course.release import release
+
+    for path in release(find_lessons(find_root(), args.lessons)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from helpers.course.release import check
+
+    lessons = find_lessons(find_root(), args.lessons)
+    problems = check(lessons, execute=not args.no_execute, jobs=args.jobs)
+    for problem in problems:
+        print(f"✗ {problem}")
+    if problems:
+        return 1
+    print(f"✓ {len(lessons)} lessons: notebooks/ is what the release makes of solutions/, nothing leaks"
+          + ("" if args.no_execute else ", every student notebook runs up to its first exercise"))
+    return 0
+
+
+def _autograde(args: argparse.Namespace) -> int:
+    from helpers.course.autograde import autograde, summary_table
+
+    submissions = Path(args.submissions)
+    if not submissions.is_dir():
+        print(f"error: submissions folder not found: {submissions.resolve()}", file=sys.stderr)
+        return 2
+    lessons = find_lessons(find_root(), args.lessons)
+    rows, warnings = autograde(submissions, Path(args.out), lessons, db_url=args.db, jobs=args.jobs,
+                               cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if not rows:
+        print(f"error: no student submissions found in {submissions.resolve()}", file=sys.stderr)
+        return 2
+    print()
+    print(summary_table(rows))
+    print(f"\ngrades: {Path(args.out) / 'grades.csv'}   feedback: {Path(args.out) / 'feedback'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attention-course", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    lab = commands.add_parser("lab", help="open JupyterLab on your own copy of the student notebooks")
+    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder)")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
+    lab.set_defaults(run=_lab)
+
+    release = commands.add_parser("release", help="rebuild solution and student notebooks from the lesson scripts")
+    release.add_argument("lessons", nargs="*", help="lesson names or numbers (default: all)")
+    release.set_defaults(run=_release)
+
+    check = commands.add_parser("check", help="fail if notebooks/ drifted from solutions/, leaks, or does not run")
+    check.add_argument("lessons", nargs="*", help="lesson names or numbers (default: all)")
+    check.add_argument("--no-execute", action="store_true", help="skip running the student notebooks")
+    check.add_argument("--jobs", type=int, default=2, help="notebooks run at once (default 2)")
+    check.set_defaults(run=_check)
+
+    grade = commands.add_parser("autograde", help="grade a folder of submissions with nbgrader")
+    grade.add_argument("submissions", help="folder of <student>/<lesson>/<notebook>.ipynb, zips or loose files")
+    grade.add_argument("--out", required=True, help="where grades.csv, feedback/ and the gradebook go")
+    grade.add_argument("--lesson", dest="lessons", action="append", help="grade only this lesson (repeatable)")
+    grade.add_argument("--db", help="gradebook SQLAlchemy URL (default: SQLite in --out)")
+    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="notebooks graded at once")
+    grade.add_argument("--timeout", type=int, default=120, help="seconds a cell may run before it is interrupted")
+    grade.add_argument("--notebook-timeout", type=int, default=1800,
+                       help="seconds one notebook may take in all before its grading is stopped")
+    grade.set_defaults(run=_autograde)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CourseError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
