@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         return subprocess.call([str(bin_dir / "attention-course"), "lab", *rest], cwd=ROOT)
     install("test")
     env = dict(os.environ, PATH=os.pathsep.join([str(venv_python().parent), os.environ.get("PATH", "")]))
-    return subprocess.call([str(venv_python()), "-m", "pytest", "-n", "2", *rest], cwd=ROOT, env=env)
+    return subprocess.call([str(venv_python()), "-m", "pytest", "-n", "2", "--dist", "loadgroup", *rest], cwd=ROOT, env=env)
 
 
 if __name__ == "__main__":

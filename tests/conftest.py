@@ -12,10 +12,44 @@ from helpers.course.lessons import find_lessons
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = find_lessons(ROOT)
 
-# Notebook kernels and grading children inherit this: warnings on stderr would zero a test cell.
+# Notebook kernels and grading children inherit these. Warnings on stderr would zero a test
+# cell. Tests run in parallel processes (pytest -n 2), each starting kernels: one thread each
+# keeps PyTorch's spinning worker threads from fighting over the cores.
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def lesson_named(number: str):
+    """The lesson whose name starts with ``number`` (``"02"`` -> ``02_qkv_attention``)."""
+    return next(lesson for lesson in LESSONS if lesson.name.startswith(number + "_"))
+
+
+def solution_namespace(number: str) -> dict:
+    """A lesson's ``imports`` cell and every answer cell, run: the reference solutions that
+    the checks' tests hold the visible and hidden checks against."""
+    from helpers.course.source import build_notebook
+
+    lesson = lesson_named(number)
+    namespace: dict = {}
+    for cell in build_notebook(lesson.script).cells:
+        if cell.id == "imports" or cell.metadata.get("nbgrader", {}).get("solution"):
+            exec(compile(cell.source, f"{lesson.script.name}:{cell.id}", "exec"), namespace)
+    return namespace
+
+
+def expect_hidden_failure(run, kind: str = "HiddenTestFailed") -> AssertionError:
+    """Run a hidden test and require it to fail with ``kind`` (or a subclass).
+
+    A hidden module is a private copy of ``helpers``, so its exception classes are not the
+    ones a test could import: they are matched by name along the class hierarchy.
+    """
+    with pytest.raises(AssertionError) as failure:
+        run()
+    assert kind in [cls.__name__ for cls in type(failure.value).__mro__], failure.value
+    return failure.value

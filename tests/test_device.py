@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.device import get_device, is_autograding, seed_everything
+from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
 
 NO_ACCELERATOR = not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
@@ -69,3 +69,10 @@ def test_is_autograding_follows_nbgrader_execution(monkeypatch, value, expected)
     else:
         monkeypatch.setenv("NBGRADER_EXECUTION", value)
     assert is_autograding() is expected
+
+
+def test_one_cpu_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with one_cpu_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -88,12 +88,16 @@ def grade_one(course: Path, db_url: str, lesson: str, student: str, cell_timeout
 
 
 def _run_child(course: Path, db_url: str, submission: Submission, cell_timeout: int,
-               notebook_timeout: int) -> dict:
-    """Grade in a child process group, killed whole if it outlives ``notebook_timeout``."""
+               notebook_timeout: int, threads: int) -> dict:
+    """Grade in a child process group, killed whole if it outlives ``notebook_timeout``.
+
+    Each child's kernel gets ``threads`` CPU threads, so parallel graders share the cores
+    instead of oversubscribing them (PyTorch's idle threads spin and slow everyone down).
+    """
     command = [sys.executable, "-m", "helpers.course.autograde", str(course), db_url,
                submission.lesson, submission.student_id, str(cell_timeout)]
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env, start_new_session=True)
     try:
@@ -126,6 +130,16 @@ def _max_score(db_url: str, lesson: str) -> float:
         return float(gradebook.find_assignment(lesson).max_score)
 
 
+def _add_students(db_url: str, students: set[str]) -> None:
+    """Create every student up front: two children grading one student's lessons at once
+    would otherwise both try to add the student, and one would fail."""
+    from nbgrader.api import Gradebook
+
+    with Gradebook(db_url, "attention-course") as gradebook:
+        for student in sorted(students):
+            gradebook.update_or_create_student(student)
+
+
 def _forget(db_url: str, lesson: str, student: str) -> None:
     """Remove a submission whose grading failed, so no partial grade is left behind."""
     from nbgrader.api import Gradebook, MissingEntry
@@ -147,7 +161,7 @@ def _timeouts(course: Path, lesson: str, student: str) -> list[str]:
 
 
 def _grade(course: Path, db_url: str, submission: Submission, released: nbformat.NotebookNode,
-           cell_timeout: int, notebook_timeout: int, feedback_dir: Path) -> Row:
+           cell_timeout: int, notebook_timeout: int, threads: int, feedback_dir: Path) -> Row:
     """Grade one submission end to end and turn what happened into a row."""
     max_score = _max_score(db_url, submission.lesson)
     notebook = inspect(submission, released) if submission.notebook else None
@@ -158,7 +172,7 @@ def _grade(course: Path, db_url: str, submission: Submission, released: nbformat
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     nbformat.write(notebook, target / f"{submission.lesson}.ipynb")
-    outcome = _run_child(course, db_url, submission, cell_timeout, notebook_timeout)
+    outcome = _run_child(course, db_url, submission, cell_timeout, notebook_timeout, threads)
     score = 0.0
     if outcome["success"]:
         score = (_scores(db_url, submission.lesson, submission.student_id) or (0.0, max_score))[0]
@@ -198,12 +212,14 @@ def autograde(submissions: Path, out: Path, lessons: list[Lesson], db_url: str |
     scratch = out / "unpacked"
     shutil.rmtree(scratch, ignore_errors=True)
     found, warnings = collect(submissions, [lesson.name for lesson in lessons], scratch)
+    _add_students(db_url, {submission.student_id for submission in found})
     feedback_dir = out / "feedback"
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     started = time.monotonic()
 
     def grade(submission: Submission) -> Row:
         row = _grade(course, db_url, submission, released[submission.lesson], cell_timeout,
-                     notebook_timeout, feedback_dir)
+                     notebook_timeout, threads, feedback_dir)
         progress(f"  {row.student_id:<20} {row.assignment:<28} {row.score:g}/{row.max_score:g}  {row.status}")
         return row
 

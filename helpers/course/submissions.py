@@ -87,6 +87,7 @@ def collect(folder: Path, lessons: list[str], scratch: Path) -> tuple[list[Submi
         folder = folder / "submitted"
     found: dict[str, dict[str, list[Path]]] = {}
     warnings: list[str] = []
+    loose: set[Path] = set()
 
     def add(student: str, lesson: str, path: Path) -> None:
         found.setdefault(clean_student_id(student), {}).setdefault(lesson, []).append(path)
@@ -123,6 +124,7 @@ def collect(folder: Path, lessons: list[str], scratch: Path) -> tuple[list[Submi
                                 "(expected <student>_<lesson>.ipynb), skipped")
             else:
                 add(student.strip("_- "), lesson, entry)
+                loose.add(entry)
         else:
             warnings.append(f"{entry}: not a notebook, folder or zip, skipped")
 
@@ -130,19 +132,21 @@ def collect(folder: Path, lessons: list[str], scratch: Path) -> tuple[list[Submi
     for student in sorted(found):
         for lesson in lessons:
             candidates = found[student].get(lesson, [])
-            submissions.append(_choose(student, lesson, candidates))
+            submissions.append(_choose(student, lesson, candidates, loose))
     return submissions, warnings
 
 
-def _choose(student: str, lesson: str, candidates: list[Path]) -> Submission:
+def _choose(student: str, lesson: str, candidates: list[Path], loose: set[Path]) -> Submission:
+    """The notebook to grade: the one with the lesson's name (or a loose file named after the
+    student and lesson), else the newest; any other name is graded and flagged ``renamed``."""
     if not candidates:
         submission = Submission(student, lesson, None)
         submission.flag("missing", f"no notebook for {lesson}")
         return submission
-    exact = [path for path in candidates if path.name == f"{lesson}.ipynb"]
+    exact = [path for path in candidates if path.name == f"{lesson}.ipynb" or path in loose]
     chosen = max(exact or candidates, key=lambda path: path.stat().st_mtime)
     submission = Submission(student, lesson, chosen)
-    if chosen.name != f"{lesson}.ipynb":
+    if not exact:
         submission.flag("renamed", f"graded {chosen.name} as {lesson}.ipynb")
     if len(candidates) > 1:
         submission.notes.append(f"{len(candidates)} notebooks for {lesson}; graded {chosen.name}")

@@ -90,6 +90,13 @@ class _TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _warm_up_torch() -> None:
+    """Let torch finish the lazy imports that a function mode triggers (``broadcast_shapes``
+    pulls in sympy) before the profiler is on: under ``sys.setprofile`` they take seconds."""
+    with _TorchCalls(set()):
+        torch.broadcast_shapes((1,), (1,))
+
+
 def _code_key(code) -> tuple[str, int, str]:
     return (os.path.realpath(code.co_filename), code.co_firstlineno, code.co_name)
 
@@ -117,6 +124,7 @@ def forbid(torch_functions: Iterable[str] = (), helpers: Iterable[str] = ()) -> 
     """
     code_keys = _helpers_code(helpers)
     called: set[str] = set()
+    _warm_up_torch()
 
     def profile(frame, event, arg):
         if event == "call":

@@ -1,0 +1,158 @@
+"""Visible checks of lesson 04 (self, causal and cross attention): each failure names the
+likely mistake.
+
+Oracles: PyTorch's ``causal_lower_right`` bias, ``nn.MultiheadAttention`` (whose
+``key_padding_mask`` is ``True`` where a key is *ignored*) and ``torch.autograd.functional
+.jacobian``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+from torch.nn.attention.bias import causal_lower_right
+
+from helpers import attention as ref
+from helpers.checks import CheckFailed, expect, expect_close, expect_shape, is_close, passed
+
+
+def causal_mask(causal_mask: Callable[..., torch.Tensor]) -> None:
+    """``causal_mask(L, S=None, device=None)``: (L, S) bool, query i sees keys 0 .. S-L+i."""
+    square = causal_mask(4)
+    expect_shape(square, (4, 4), "causal_mask(4)", "S defaults to L")
+    expect(square.dtype == torch.bool, f"the mask should be boolean, got {square.dtype}")
+    expected = causal_lower_right(4, 4)._materialize()
+    if torch.equal(square, ~expected):
+        raise CheckFailed("mask is inverted: True must mean attend (query i sees keys j <= i)")
+    if torch.equal(square, expected.T):
+        raise CheckFailed("the mask is transposed: rows are queries, columns keys; query i "
+                          "sees keys j <= i, the lower triangle")
+    if torch.equal(square, expected & ~torch.eye(4, dtype=torch.bool)):
+        raise CheckFailed("each query must see itself too: the diagonal is True")
+    expect(torch.equal(square, expected), f"causal_mask(4) should be the lower triangle, got\n"
+           f"{square.int()}")
+    decode = causal_mask(2, 5)
+    expect_shape(decode, (2, 5), "causal_mask(2, 5)", "L queries, S keys")
+    expected = causal_lower_right(2, 5)._materialize()
+    if torch.equal(decode, torch.ones(2, 5, dtype=torch.bool).tril()):
+        raise CheckFailed("causal mask is top-left aligned but queries are the last L of S "
+                          "positions: query i sees keys 0 .. S-L+i (use diagonal=S-L)")
+    expect(torch.equal(decode, expected), f"causal_mask(2, 5) should be\n{expected.int()}\n"
+           f"got\n{decode.int()}")
+    expect(causal_mask(3, device="meta").device.type == "meta",
+           "create the mask on `device` (pass device= to the tensor factory)")
+    passed("causal_mask")
+
+
+def padding_mask(padding_mask: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+    """``padding_mask(lengths, S)``: (B, 1, 1, S) bool, True on the real (unpadded) keys."""
+    lengths = torch.tensor([3, 1, 5])
+    mask = padding_mask(lengths, 5)
+    expect_shape(mask, (3, 1, 1, 5), "padding_mask(lengths, 5)",
+                 "(B, 1, 1, S) broadcasts over heads and queries")
+    expect(mask.dtype == torch.bool, f"the mask should be boolean, got {mask.dtype}")
+    expected = ref.padding_mask(lengths, 5)
+    if torch.equal(mask, ~expected):
+        raise CheckFailed("mask is inverted: True must mean attend (the real tokens); "
+                          "nn.MultiheadAttention's key_padding_mask is the opposite")
+    if torch.equal(mask, torch.arange(5) <= lengths[:, None, None, None]):
+        raise CheckFailed("off by one: a sequence of length n has keys 0 .. n-1")
+    expect(torch.equal(mask, expected), f"padding_mask([3, 1, 5], 5) should be\n"
+           f"{expected[:, 0, 0].int()}\ngot\n{mask[:, 0, 0].int()}")
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(8, 2, batch_first=True)
+    ours = ref.MultiHeadAttention.from_torch(theirs)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected_out = theirs(x, x, x, key_padding_mask=~mask[:, 0, 0], need_weights=False)[0]
+        expect_close(ours(x, mask=mask), expected_out, "attention with your padding mask",
+                     "it should equal nn.MultiheadAttention with key_padding_mask = ~mask")
+    passed("padding_mask")
+
+
+def _cross_oracle(theirs: nn.MultiheadAttention, x: torch.Tensor, context: torch.Tensor,
+                  lengths: torch.Tensor | None) -> torch.Tensor:
+    ignore = None if lengths is None else ~ref.padding_mask(lengths, context.shape[1])[:, 0, 0]
+    with torch.no_grad():
+        return theirs(x, context, context, key_padding_mask=ignore, need_weights=False)[0]
+
+
+def cross_attention(cross_attention: Callable[..., torch.Tensor]) -> None:
+    """``cross_attention(attn, x, context, context_lengths=None)`` against PyTorch's module."""
+    torch.manual_seed(0)
+    d_model, n_heads, B, L, S = 12, 3, 3, 4, 6
+    theirs = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
+    attn = ref.MultiHeadAttention.from_torch(theirs)
+    x, context = torch.randn(B, L, d_model), torch.randn(B, S, d_model)
+    with torch.no_grad():
+        out = cross_attention(attn, x, context)
+    expect_shape(out, (B, L, d_model), "cross_attention(attn, x, context)",
+                 "one output per query (x has L positions), of width d_model")
+    square = torch.randn(B, S, d_model)
+    with torch.no_grad():
+        from_x = _cross_oracle(theirs, square, square, None)  # what attending to x gives
+        if is_close(cross_attention(attn, square, context), from_x):
+            raise CheckFailed("keys and values came from x: in cross-attention they come from "
+                              "context, only the queries from x")
+    expect_close(out, _cross_oracle(theirs, x, context, None), "cross_attention(attn, x, context)",
+                 "queries from attn.q_proj(x), keys and values from attn.k_proj / attn.v_proj "
+                 "of context, heads split, attention, heads merged, attn.out_proj")
+    lengths = torch.tensor([6, 2, 4])
+    with torch.no_grad():
+        masked = cross_attention(attn, x, context, lengths)
+    if is_close(masked, out):
+        raise CheckFailed("context_lengths had no effect: padded context positions must be "
+                          "masked out (a padding mask over the keys)")
+    expect_close(masked, _cross_oracle(theirs, x, context, lengths),
+                 "cross_attention(attn, x, context, context_lengths)",
+                 "mask the keys j >= context_lengths[b], not the queries")
+    passed("cross_attention")
+
+
+class CausalSelfAttention(nn.Module):
+    """A one-layer model that cannot look ahead (or can, with ``causal=False``)."""
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True):
+        super().__init__()
+        self.attention, self.causal = ref.MultiHeadAttention(d_model, n_heads), causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        mask = ref.causal_mask(L, device=x.device) if self.causal else None
+        return self.attention(x, mask=mask)
+
+
+def dependence_oracle(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(L, L): norm over batch and features of d sum(out[:, i]) / d x[:, j], by jacobian."""
+    per_position = jacobian(lambda inputs: model(inputs).sum(dim=(0, 2)), x)  # (L, B, L, D)
+    return per_position.pow(2).sum(dim=(1, 3)).sqrt()  # (L, L)
+
+
+def gradient_dependence(gradient_dependence: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+                        ) -> None:
+    """The (L, L) gradient norms on a causal and on a bidirectional model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    causal = CausalSelfAttention(8, 2)
+    dependence = gradient_dependence(causal, x)
+    expect_shape(dependence, (5, 5), "gradient_dependence(model, x)",
+                 "one row per output position i, one column per input position j")
+    expected = dependence_oracle(causal, x)
+    if is_close(dependence, expected.T):
+        raise CheckFailed("the matrix is transposed: row i is output position i, column j "
+                          "input position j")
+    expect(x.grad is None, "leave the caller's x alone: differentiate a detached copy "
+           "(x.detach().requires_grad_())")
+    expect_close(dependence, expected, "gradient_dependence on a causal model",
+                 "entry [i, j] is the norm of the gradient of out[:, i].sum() with respect "
+                 "to x[:, j] (over batch and features)")
+    future = dependence.triu(diagonal=1)
+    expect(bool((future == 0).all()), "a causal model gave a gradient from a future input: "
+           "take the gradient of one output position at a time")
+    bidirectional = CausalSelfAttention(8, 2, causal=False)
+    expect_close(gradient_dependence(bidirectional, x), dependence_oracle(bidirectional, x),
+                 "gradient_dependence on a bidirectional model")
+    passed("gradient_dependence")

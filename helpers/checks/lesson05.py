@@ -1,0 +1,277 @@
+"""Visible checks for lesson 05 (BERT, GPT, T5): each failure names the likely mistake.
+
+The references are private copies of ``helpers`` (:func:`helpers.hidden._core.fresh_import`),
+so a notebook cell that replaced ``helpers.tasks.mask_tokens`` or ``torch.allclose`` cannot
+change a verdict; comparisons use :func:`helpers.checks.is_close` (plain arithmetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.checks import CheckFailed, expect, expect_close, expect_shape, expect_tensor, passed
+from helpers.checks import is_close
+from helpers.hidden._core import ShortcutUsed, fresh_import, forbid
+
+IGNORE_INDEX = -100
+BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.q_proj.weight", "attn.k_proj.weight",
+              "attn.v_proj.weight", "attn.out_proj.weight", "norm2.weight", "norm2.bias",
+              "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+
+
+def _run_without(what: str, call: Callable[[], object], torch_functions=(), helpers=()) -> object:
+    """Run ``call`` and turn a use of a forbidden reference into a readable failure."""
+    try:
+        with forbid(torch_functions=torch_functions, helpers=helpers):
+            return call()
+    except ShortcutUsed as error:
+        raise CheckFailed(f"{what}: {error}") from None
+
+
+# --- transformer block -------------------------------------------------------------------
+
+
+def _block_variants(ref: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                    causal_mask: Callable) -> dict[str, torch.Tensor]:
+    """The block computed with the usual mistakes, from the reference's own submodules."""
+    L = x.shape[1]
+    full = causal_mask(L, device=x.device) if ref.causal else None
+    combined = full if mask is None else (mask if full is None else mask & full)
+
+    def attn(h: torch.Tensor, m: torch.Tensor | None = combined) -> torch.Tensor:
+        return ref.attn(h, mask=m)
+
+    n1, n2, mlp = ref.norm1, ref.norm2, ref.mlp
+    h = x + attn(n1(x))
+    post = n1(x + attn(x))
+    stream = n1(x) + attn(n1(x))
+    variants = {
+        "residual connection missing around attention": attn(n1(x)) + mlp(n2(attn(n1(x)))),
+        "residual connection missing around the MLP": mlp(n2(h)),
+        "residual connections missing": mlp(n2(attn(n1(x)))),
+        "post-LN block (LayerNorm after the residual sum, as in the 2017 paper and BERT): "
+        "this lesson's block is pre-LN, x + sublayer(LayerNorm(x))":
+            n2(post + mlp(post)),
+        "the residual stream itself is normalised (LayerNorm(x) + sublayer(LayerNorm(x))): "
+        "only the sublayer's input is normalised, the skip path carries x unchanged":
+            n2(stream) + mlp(n2(stream)),
+        "norm1 and norm2 swapped": (x + attn(n2(x))) + mlp(n1(x + attn(n2(x)))),
+    }
+    if ref.causal:
+        uncausal = x + attn(n1(x), mask)
+        variants["causal mask not applied: position t sees the future"] = uncausal + mlp(
+            n2(uncausal))
+    if mask is not None:
+        unmasked = x + attn(n1(x), full)
+        variants["mask argument ignored: padding keys are attended to"] = unmasked + mlp(
+            n2(unmasked))
+    return variants
+
+
+def transformer_block(block_class: type[nn.Module]) -> None:
+    """The student's pre-LN block matches ``helpers.transformer.TransformerBlock``."""
+    transformer = fresh_import("helpers.transformer")
+    attention = fresh_import("helpers.attention")
+    torch.manual_seed(0)
+    d_model, n_heads, d_ff, B, L = 16, 4, 24, 2, 7
+    for causal in (False, True):
+        block = block_class(d_model, n_heads, d_ff=d_ff, causal=causal).eval()
+        keys = tuple(block.state_dict())
+        missing = [key for key in BLOCK_KEYS if key not in keys]
+        expect(not missing, f"the block has no parameters named {missing}: keep the names "
+               "norm1, attn (MultiHeadAttention), norm2 and mlp = nn.Sequential(Linear, GELU, "
+               f"Linear); its parameters are {list(keys)}")
+        ref = transformer.TransformerBlock(d_model, n_heads, d_ff=d_ff, causal=causal).eval()
+        try:
+            ref.load_state_dict(block.state_dict())
+        except RuntimeError as error:
+            raise CheckFailed(f"the block's parameters do not fit the reference: {error}"
+                              ) from None
+        x = torch.randn(B, L, d_model)
+        lengths = torch.tensor([L, L - 3])
+        for mask in (None, attention.padding_mask(lengths, L)):
+            with torch.no_grad():
+                out = _run_without("TransformerBlock", lambda: block(x, mask=mask),
+                                   helpers=["helpers.transformer.TransformerBlock"])
+                expect_shape(out, (B, L, d_model), "block(x)",
+                             "a block maps (B, L, d_model) to (B, L, d_model)")
+                expected = ref(x, mask=mask)
+                if is_close(out, expected):
+                    continue
+                for mistake, wrong in _block_variants(ref, x, mask, attention.causal_mask).items():
+                    expect(not is_close(out, wrong), f"causal={causal}: {mistake}")
+                expect_close(out, expected, f"block(x) with causal={causal}, "
+                             f"mask={'padding' if mask is not None else 'None'}",
+                             "compare with x + attn(norm1(x)) then h + mlp(norm2(h))")
+    passed("transformer block")
+
+
+# --- masked language modelling -------------------------------------------------------------
+
+
+def masking_statistics(tokens: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+                       mask_id: int, special_ids: tuple[int, ...]) -> dict[str, float]:
+    """What one MLM corruption did: the fraction of ordinary tokens chosen, and among the
+    chosen the fractions masked, replaced at random and kept; plus counts of violations."""
+    specials = torch.tensor(special_ids, dtype=tokens.dtype, device=tokens.device)
+    ordinary = ~torch.isin(tokens, specials)
+    chosen = labels != IGNORE_INDEX
+    n_chosen = max(int(chosen.sum()), 1)
+    masked = int((inputs[chosen] == mask_id).sum()) / n_chosen
+    kept = int((inputs[chosen] == tokens[chosen]).sum()) / n_chosen
+    return {
+        "chosen": int((chosen & ordinary).sum()) / max(int(ordinary.sum()), 1),
+        "masked": masked,
+        "kept": kept,
+        "random": 1.0 - masked - kept,
+        "special_chosen": int((chosen & ~ordinary).sum()),
+        "special_changed": int((inputs[~ordinary] != tokens[~ordinary]).sum()),
+        "wrong_labels": int((labels[chosen] != tokens[chosen]).sum()),
+        "changed_unlabelled": int((inputs[~chosen] != tokens[~chosen]).sum()),
+    }
+
+
+def masking_sample(batch: int, length: int, vocab_size: int, special_ids: tuple[int, ...],
+                   generator: torch.Generator) -> torch.Tensor:
+    """Token ids (batch, length): content ids above every special id, a special token
+    first and padding (``special_ids[0]``) after a random length, like a real padded batch."""
+    first = max(special_ids) + 1
+    content = torch.randint(first, vocab_size, (batch, length), generator=generator)  # (B, L)
+    lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)  # (B,)
+    tokens = content.masked_fill(torch.arange(length) >= lengths[:, None], special_ids[0])
+    tokens[:, 0] = special_ids[-1]
+    return tokens
+
+
+def mlm_masking(mask_tokens: Callable) -> None:
+    """80/10/10 statistics, special tokens left alone, -100 labels, reproducible, no mutation."""
+    vocab_size, mask_id, special_ids, p = 1000, 3, (0, 1, 2, 3), 0.15
+    tokens = masking_sample(64, 512, vocab_size, special_ids, torch.Generator().manual_seed(0))
+    before = tokens.clone()
+
+    def call(seed: int, rate: float = p) -> tuple[torch.Tensor, torch.Tensor]:
+        return _run_without("mask_tokens", lambda: mask_tokens(
+            tokens, mask_id, vocab_size, p=rate, generator=torch.Generator().manual_seed(seed),
+            special_ids=special_ids), helpers=["helpers.tasks.mask_tokens"])
+
+    result = call(1)
+    expect(isinstance(result, tuple) and len(result) == 2,
+           "mask_tokens should return a pair (inputs, labels)")
+    inputs, labels = (expect_tensor(value, name) for value, name in zip(result, ("inputs",
+                                                                                 "labels")))
+    expect_shape(inputs, tokens.shape, "inputs")
+    expect_shape(labels, tokens.shape, "labels")
+    expect(bool((tokens == before).all()), "mask_tokens changed its argument `tokens` in "
+           "place: work on a copy (e.g. torch.where or tokens.clone())")
+    expect(int((labels == IGNORE_INDEX).sum()) > 0, "no label is -100: the loss must ignore "
+           "the positions that were not chosen, else it trains the model to copy its input")
+    stats = masking_statistics(tokens, inputs, labels, mask_id, special_ids)
+    expect(stats["special_chosen"] == 0 and stats["special_changed"] == 0,
+           "special tokens (padding, <cls>, <sep>, ...) were chosen or changed: choose only "
+           "tokens whose id is not in special_ids")
+    expect(stats["wrong_labels"] == 0, "a chosen position's label is not the original token: "
+           "labels = the token before corruption, at chosen positions")
+    if stats["changed_unlabelled"]:
+        raise CheckFailed("a token was changed where the label is -100: every corrupted "
+                          "position, the random replacements included, needs its label")
+    expect(abs(stats["chosen"] - p) < 0.015, f"{stats['chosen']:.1%} of the ordinary tokens "
+           f"were chosen, expected p = {p:.0%} (choose each ordinary token with probability p)")
+    expect(stats["masked"] < 0.97, "every chosen token became <mask>: apply the 80/10/10 rule "
+           "(80% <mask>, 10% a random token, 10% unchanged)")
+    for name, share in (("masked", 0.8), ("random", 0.1), ("kept", 0.1)):
+        expect(abs(stats[name] - share) < 0.04, f"{stats[name]:.1%} of the chosen tokens were "
+               f"{name}, expected {share:.0%}: draw one uniform number per chosen token and "
+               "split it 0.8 / 0.1 / 0.1")
+    replaced = labels.ne(IGNORE_INDEX) & inputs.ne(tokens) & inputs.ne(mask_id)
+    randoms = inputs[replaced]
+    expect(bool((randoms >= 0).all() and (randoms < vocab_size).all()),
+           "a random replacement is outside 0 .. vocab_size - 1")
+    expect(randoms.unique().numel() > 0.2 * randoms.numel(), "the random replacements "
+           "hardly vary: draw them uniformly from 0 .. vocab_size - 1")
+    again = call(1)
+    expect(bool((again[0] == inputs).all() and (again[1] == labels).all()),
+           "two calls with generators seeded alike gave different results: draw every "
+           "random number with generator=generator")
+    other = call(2)
+    expect(bool((other[1] != labels).any()), "two different seeds gave the same result: "
+           "the randomness must come from the generator")
+    rare = masking_statistics(tokens, *call(3, rate=0.5), mask_id, special_ids)
+    expect(abs(rare["chosen"] - 0.5) < 0.02, f"with p=0.5, {rare['chosen']:.1%} of the ordinary "
+           "tokens were chosen: use the argument p, not a fixed 15%")
+    passed("MLM masking")
+
+
+# --- next-token loss -------------------------------------------------------------------------
+
+
+def next_token_loss(loss_fn: Callable) -> None:
+    """Mean cross-entropy of logits[:, t] against tokens[:, t + 1], written by hand."""
+    torch.manual_seed(0)
+    B, L, V = 3, 9, 11
+    logits = torch.randn(B, L, V, requires_grad=True)
+    tokens = torch.randint(V, (B, L))
+    loss = _run_without("next_token_loss", lambda: loss_fn(logits, tokens),
+                        torch_functions=["cross_entropy", "nll_loss"])
+    expect_tensor(loss, "loss")
+    expect(loss.dim() == 0, f"the loss should be a scalar (shape ()), got {tuple(loss.shape)}: "
+           "average over every batch element and position")
+
+    def ce(z: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(z.reshape(-1, V), y.reshape(-1), reduction=reduction)
+
+    expected = ce(logits[:, :-1], tokens[:, 1:])
+    if not is_close(loss, expected):
+        mistakes = {
+            "targets not shifted: the model is asked to predict the token it sees":
+                ce(logits, tokens),
+            "shifted the wrong way: logits[:, t] should be scored against tokens[:, t + 1], "
+            "the next token, not the previous one": ce(logits[:, 1:], tokens[:, :-1]),
+            "summed instead of averaged over the B * (L - 1) predictions":
+                ce(logits[:, :-1], tokens[:, 1:], "sum"),
+            "the sign is wrong: cross-entropy is minus the log-probability of the target":
+                -expected,
+            "log of the logits, not of the softmax probabilities: take log_softmax first":
+                -logits[:, :-1].gather(-1, tokens[:, 1:, None]).mean(),
+        }
+        for mistake, wrong in mistakes.items():
+            expect(not is_close(loss, wrong), mistake)
+        expect_close(loss, expected, "loss", "mean over positions of -log softmax(logits)[next "
+                     "token]")
+    loss.backward()
+    expect(logits.grad is not None and bool(logits.grad[:, -1].eq(0).all()),
+           "the last position's logits got a gradient: it has no next token to predict")
+    passed("next-token loss")
+
+
+# --- text-to-text decoder inputs --------------------------------------------------------------
+
+
+def shift_right(shift_fn: Callable) -> None:
+    """Decoder inputs: start token, then the labels without the last; -100 becomes padding."""
+    tasks = fresh_import("helpers.tasks")
+    labels = torch.tensor([[7, 8, 9, 4, IGNORE_INDEX, IGNORE_INDEX], [5, 6, 7, 8, 9, 4]])
+    start_id, pad_id = 1, 0
+    before = labels.clone()
+    out = _run_without("shift_right", lambda: shift_fn(labels, start_id, pad_id),
+                       helpers=["helpers.tasks.shift_right"])
+    expect_shape(out, labels.shape, "decoder_input_ids",
+                 "as long as the labels: drop the last label to make room for the start token")
+    expect(bool((labels == before).all()), "shift_right changed the labels in place: the loss "
+           "still needs them; work on a copy")
+    expected = tasks.shift_right(labels, start_id, pad_id)
+    if bool((out == expected).all()):
+        passed("shift right")
+        return
+    expect(not bool((out == labels).all()), "decoder inputs equal the labels: the decoder "
+           "would see the very token it must predict; shift them right by one")
+    expect(bool((out[:, 0] == start_id).all()), "every decoder input must start with the "
+           f"start token (start_id={start_id}): nothing has been generated yet")
+    expect(not bool((out == IGNORE_INDEX).any()), "-100 (ignored label) left in the decoder "
+           "inputs: it is not a token id; replace it with pad_id")
+    expect(bool((out[:, 1:] == expected[:, 1:]).all()), "after the start token come the labels "
+           "0 .. T-2, in order (labels[:, :-1]), padded where the label is -100")
+    passed("shift right")

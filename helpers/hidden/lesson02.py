@@ -1,0 +1,131 @@
+"""Hidden tests for lesson 02: fresh shapes, dtypes and seeds, references from a private copy
+of ``helpers``, and no shortcut through the function the exercise asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from helpers import attention as reference
+from helpers.device import get_device
+from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+
+DTYPES = (torch.float32, torch.float64)
+TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
+              torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
+SOFTMAX_FUNCTIONS = ["softmax", "log_softmax", "_softmax", "_log_softmax", "softmin"]
+ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
+ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
+                     "helpers.attention.MultiHeadAttention"]
+
+
+def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
+    """One random size per name, each drawn from its inclusive range."""
+    return {name: int(torch.randint(low, high + 1, (), generator=generator))
+            for name, (low, high) in ranges.items()}
+
+
+def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
+
+
+def _expect_dtype(value: object, dtype: torch.dtype, what: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
+
+
+def dot_scores(student: Callable) -> None:
+    """Raw scores (B, H, L, S) for random shapes, in float32 and float64."""
+    seed = random_seed()
+    generator = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(1, 11), D=(1, 40))
+        q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
+        k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
+        with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS):
+            scores = student(q, k)
+        what = f"dot_scores, {n}, {dtype}, seed {seed}"
+        _expect_dtype(scores, dtype, what)
+        expected = (q.double()[..., :, None, :] * k.double()[..., None, :, :]).sum(-1)
+        expect_close(scores, expected, what, **TOLERANCES[dtype])
+
+
+def stable_softmax(student: Callable) -> None:
+    """Large, -inf and fully masked logits along the last and a random dim; no torch softmax."""
+    seed = random_seed()
+    generator = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        n = _sizes(generator, rank=(2, 4), spread=(1, 300), offset=(-2000, 2000))
+        shape = _sizes(generator, **{f"d{i}": (2, 6) for i in range(n["rank"])}).values()
+        logits = _randn(generator, *shape, dtype=dtype) * n["spread"] + n["offset"]
+        for dim in (-1, int(torch.randint(-n["rank"], n["rank"], (), generator=generator))):
+            drop = torch.rand(logits.shape, generator=generator).to(logits.device) < 0.3
+            x = logits.masked_fill(drop, float("-inf"))
+            x.movedim(dim, -1)[(0,) * (x.dim() - 1)] = float("-inf")  # one slice sees nothing
+            with forbid(torch_functions=SOFTMAX_FUNCTIONS + ATTENTION_FUNCTIONS,
+                        helpers=["helpers.attention.softmax", *ATTENTION_HELPERS]):
+                weights = student(x, dim=dim)
+            what = f"stable_softmax, shape {tuple(x.shape)}, dim {dim}, {dtype}, seed {seed}"
+            _expect_dtype(weights, dtype, what)
+            expect_close(weights, reference.softmax(x.double(), dim=dim), what,
+                         **TOLERANCES[dtype])
+            if bool((weights.movedim(dim, -1)[(0,) * (x.dim() - 1)] != 0).any()):
+                raise HiddenTestFailed(f"{what}: a slice that is all -inf must give zeros")
+
+
+def _mask(generator: torch.Generator, n: dict[str, int], device: torch.device) -> torch.Tensor:
+    """A random boolean mask in one of the shapes that broadcast to (B, H, L, S), with one
+    query row that sees no key."""
+    shapes = [(n["L"], n["S"]), (n["B"], 1, n["L"], n["S"]), (n["B"], n["H"], n["L"], n["S"])]
+    shape = shapes[int(torch.randint(len(shapes), (), generator=generator))]
+    mask = torch.rand(shape, generator=generator) < 0.7
+    mask[..., 0, :] = False
+    return mask.to(device)
+
+
+def attention(student: Callable) -> None:
+    """out and weights vs the reference: no mask, a broadcast bool mask, a given scale."""
+    seed = random_seed()
+    generator = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        # S, D >= 2: with one key, or d_k = 1, a missing 1/sqrt(d_k) would go unnoticed
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(2, 11), D=(2, 40), Dv=(1, 12))
+        q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
+        k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
+        v = _randn(generator, n["B"], n["H"], n["S"], n["Dv"], dtype=dtype)
+        scale = 0.05 + float(torch.rand((), generator=generator))
+        for options in ({}, {"mask": _mask(generator, n, q.device), "scale": scale}):
+            with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS):
+                result = student(q, k, v, **options)
+            what = f"attention, {n}, {sorted(options)}, {dtype}, seed {seed}"
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise HiddenTestFailed(f"{what}: expected a tuple (out, weights)")
+            expected = reference.scaled_dot_product_attention(
+                q.double(), k.double(), v.double(), **options)
+            for name, value, target in zip(("out", "weights"), result, expected):
+                _expect_dtype(value, dtype, f"{what}: {name}")
+                expect_close(value, target, f"{what}: {name}", **TOLERANCES[dtype])
+
+
+def attention_entropy(student: Callable) -> None:
+    """Entropy per query of random, one-hot and all-zero weight rows."""
+    seed = random_seed()
+    generator = torch.Generator().manual_seed(seed)
+    for dtype in DTYPES:
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(3, 9), S=(1, 11), sharpness=(1, 20))
+        logits = _randn(generator, n["B"], n["H"], n["L"], n["S"], dtype=dtype)
+        weights = reference.softmax(logits * n["sharpness"], dim=-1)  # (B, H, L, S)
+        weights[..., 0, :] = 0.0  # a query that attends to nothing
+        weights[..., 1, :] = 0.0
+        weights[..., 1, -1] = 1.0  # a one-hot query
+        with forbid(torch_functions=["entr", "special_entr", "xlogy", "special_xlogy"]):
+            entropy = student(weights)
+        what = f"attention_entropy, {n}, {dtype}, seed {seed}"
+        _expect_dtype(entropy, dtype, what)
+        p = weights.double()
+        expected = -(p * torch.where(p > 0, p, torch.ones_like(p)).log()).sum(-1)  # (B, H, L)
+        expect_close(entropy, expected, what, **TOLERANCES[dtype])

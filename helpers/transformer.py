@@ -1,0 +1,703 @@
+"""Transformer blocks and the three model families built from them: BERT, GPT, T5 (lesson 05).
+
+One :class:`TransformerBlock` with a few options covers all three families:
+
+- GPT-2 (Radford et al., 2019, "Language Models are Unsupervised Multitask Learners"):
+  pre-LayerNorm, causal self-attention, GELU (tanh approximation) feed-forward, learned
+  positions, LM head tied to the token embedding. The block's defaults are this block.
+- BERT (Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
+  Language Understanding"): post-LayerNorm, bidirectional self-attention, token-type
+  embeddings, a masked-language-model head.
+- T5 (Raffel et al., 2020, "Exploring the Limits of Transfer Learning with a Unified
+  Text-to-Text Transformer"): encoder-decoder, RMS norm without bias, no biases anywhere, no
+  ``1/sqrt(d)`` in attention, ReLU feed-forward, and a learned relative position bias in
+  place of absolute positions (after Shaw et al., 2018, "Self-Attention with Relative
+  Position Representations").
+
+Every model has ``from_hf(hf_model)``, which copies the weights of the matching Hugging Face
+``transformers`` model; the tests prove that the logits then agree. ``transformers`` is never
+imported here: ``from_hf`` only reads the object it is given.
+
+Attention itself comes from :mod:`helpers.attention`: ``MultiHeadAttention`` holds the
+projections, and :func:`attention` below runs them with the two things its ``forward`` does
+not take, T5's scale of 1 and a K/V cache for generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.attention import (
+    MultiHeadAttention,
+    causal_mask,
+    merge_heads,
+    scaled_dot_product_attention,
+    split_heads,
+)
+
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),  # exact erf GELU (BERT)
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),  # T5
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """The feed-forward non-linearity called ``name`` (Hugging Face's names for them)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) * weight``: LayerNorm without the mean and the bias (T5).
+
+    Zhang & Sennrich (2019), "Root Mean Square Layer Normalization"; T5 computes the mean
+    square in float32 even for half-precision inputs, and so do we.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
+    """``"layer"`` (LayerNorm, GPT-2 and BERT) or ``"rms"`` (RMSNorm, T5)."""
+    if kind == "layer":
+        return nn.LayerNorm(d_model, eps=eps)
+    if kind == "rms":
+        return RMSNorm(d_model, eps=eps)
+    raise ValueError(f"norm should be 'layer' or 'rms', got {kind!r}")
+
+
+class LayerCache:
+    """The keys and values one attention layer has seen so far, each (B, H_kv, S, D).
+
+    Generation appends one step's keys and values and attends to everything stored, so each
+    new token costs one row of attention instead of recomputing the whole prefix.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, L, D) after what is there; return all keys and values so far."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)  # (B, H_kv, S, D)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)  # (B, H_kv, S, D)
+        return self.k, self.v
+
+
+def attention(attn: MultiHeadAttention, x: torch.Tensor, context: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None, scale: float | None = None,
+              cache: LayerCache | None = None) -> torch.Tensor:
+    """Multi-head attention through ``attn``'s projections, with a ``scale`` and a K/V cache.
+
+    x (B, L, d_model) attends to ``context`` (B, S, d_model), itself by default; ``mask`` is
+    boolean (True = attend) or an additive float bias, broadcast to (B, H, L, S'), where S'
+    counts the cached keys too. ``scale`` defaults to ``1/sqrt(head_dim)``; T5 uses 1.
+    Returns (B, L, d_model), equal to ``attn(x, context, mask)`` when scale and cache are None.
+    """
+    context = x if context is None else context
+    q = split_heads(attn.q_proj(x), attn.n_heads)  # (B, H, L, D)
+    k = split_heads(attn.k_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
+    v = split_heads(attn.v_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
+    if cache is not None:
+        k, v = cache.append(k, v)  # (B, H_kv, S', D)
+    group = attn.n_heads // attn.n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S', D)
+    out, _ = scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, H, L, D)
+    return attn.out_proj(merge_heads(out))
+
+
+def add_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """One attention mask from a boolean ``mask`` (True = attend) and an additive ``bias``.
+
+    Both broadcast to (B, H, L, S); the result is the bias with ``-inf`` where the mask says
+    no, or whichever of the two is given.
+    """
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    return torch.where(mask, bias, torch.full_like(bias, float("-inf")))
+
+
+class TransformerBlock(nn.Module):
+    """One transformer layer: self-attention, optional cross-attention, feed-forward.
+
+    The defaults are GPT-2's pre-LayerNorm block (Radford et al., 2019; Xiong et al., 2020,
+    "On Layer Normalization in the Transformer Architecture")::
+
+        x = x + attn(norm1(x))
+        x = x + cross_attn(norm_cross(x), context)    # when cross_attention
+        x = x + mlp(norm2(x))
+
+    ``norm_first=False`` gives the original post-LayerNorm block of Vaswani et al. (2017) and
+    BERT, ``x = norm1(x + attn(x))`` and so on. The other options serve the model families:
+    ``activation`` (``"gelu"``, ``"gelu_new"``, ``"relu"``), ``bias`` (T5 has none), ``norm``
+    (``"layer"`` or ``"rms"``), ``norm_eps``, and ``attn_scale`` (T5: 1.0). Dropout acts on
+    each branch's output before it joins the residual stream.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None,
+                 causal: bool = False, cross_attention: bool = False, dropout: float = 0.0,
+                 *, norm_first: bool = True, activation: str = "gelu", bias: bool = True,
+                 norm: str = "layer", norm_eps: float = 1e-5,
+                 attn_scale: float | None = None):
+        super().__init__()
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.causal, self.norm_first, self.attn_scale = causal, norm_first, attn_scale
+        self.norm1 = make_norm(norm, d_model, norm_eps)
+        self.attn = MultiHeadAttention(d_model, n_heads, bias=bias)
+        if cross_attention:
+            self.norm_cross = make_norm(norm, d_model, norm_eps)
+            self.cross_attn = MultiHeadAttention(d_model, n_heads, bias=bias)
+        self.norm2 = make_norm(norm, d_model, norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_ff, bias=bias),
+            make_activation(activation),
+            nn.Linear(d_ff, d_model, bias=bias),
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                position_bias: torch.Tensor | None = None, cache: LayerCache | None = None
+                ) -> torch.Tensor:
+        """x (B, L, d) -> (B, L, d).
+
+        ``mask``: boolean, broadcast to (B, H, L, S), True = attend (e.g. a padding mask
+        (B, 1, 1, S)); a causal block combines it with the causal mask. ``context``
+        (B, S_ctx, d) and ``context_mask`` (broadcast to (B, H, L, S_ctx)) feed the
+        cross-attention. ``position_bias`` (1 or B, H, L, S) is added to the self-attention
+        scores (T5). ``cache`` holds the keys and values of earlier positions (generation):
+        x is then the next positions only, and S counts the cached ones too.
+        """
+        if hasattr(self, "cross_attn") and context is None:
+            raise ValueError("this block has cross-attention: pass context (B, S, d_model)")
+        L = x.shape[1]
+        S = L + (len(cache) if cache is not None else 0)
+        if self.causal:
+            allowed = causal_mask(L, S, device=x.device)  # (L, S)
+            mask = allowed if mask is None else mask & allowed
+        x = self._residual(x, self.norm1, lambda h: self._attend(
+            self.attn, h, None, add_bias(mask, position_bias), cache))
+        if hasattr(self, "cross_attn"):
+            x = self._residual(x, self.norm_cross, lambda h: self._attend(
+                self.cross_attn, h, context, context_mask, None))
+        return self._residual(x, self.norm2, self.mlp)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module,
+                  branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Pre-LN ``x + branch(norm(x))`` or post-LN ``norm(x + branch(x))``."""
+        if self.norm_first:
+            return x + self.dropout(branch(norm(x)))
+        return norm(x + self.dropout(branch(x)))
+
+    def _attend(self, attn: MultiHeadAttention, h: torch.Tensor, context: torch.Tensor | None,
+                mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+        """``attn`` on h; its own (fused) forward unless a scale or a cache is needed."""
+        if self.attn_scale is None and cache is None:
+            return attn(h, context=context, mask=mask)
+        return attention(attn, h, context, mask=mask, scale=self.attn_scale, cache=cache)
+
+
+def init_gpt_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 and BERT initialisation: N(0, 0.02) weights, zero biases (norms stay 1 and 0)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+    """Pick the next token from the last position's logits (B, V): (B, 1).
+
+    Greedy takes the argmax. Sampling divides the logits by ``temperature``, keeps the
+    ``top_k`` largest (Fan et al., 2018, "Hierarchical Neural Story Generation") and draws
+    from the softmax with ``generator`` (on the logits' device), so a seeded run repeats.
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor],
+                 may_skip: tuple[str, ...] = ()) -> None:
+    """Copy ``weights`` (our parameter name -> tensor) into ``module``, checking every shape.
+
+    Every parameter of ``module`` must be given, except names starting with one of
+    ``may_skip``; this catches a forgotten layer as surely as a wrong shape.
+    """
+    ours = module.state_dict()
+    unknown = sorted(set(weights) - set(ours))
+    missing = sorted(n for n in set(ours) - set(weights) if not n.startswith(may_skip))
+    if unknown or missing:
+        raise ValueError(f"weights do not fit the module: unknown {unknown}, missing {missing}")
+    with torch.no_grad():
+        for name, w in weights.items():
+            if ours[name].shape != w.shape:
+                raise ValueError(f"{name}: expected shape {tuple(ours[name].shape)}, "
+                                 f"got {tuple(w.shape)}")
+            ours[name].copy_(w)
+
+
+def _hf_reference(hf_model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a Hugging Face model, to build ours alike."""
+    p = next(hf_model.parameters())
+    return p.device, p.dtype
+
+
+class GPT(nn.Module):
+    """A GPT-2 style decoder-only language model (Radford et al., 2019).
+
+    Token and learned position embeddings, ``n_layers`` causal pre-LN blocks, a final
+    LayerNorm, and an LM head tied to the token embedding (Press & Wolf, 2017, "Using the
+    Output Embedding to Improve Language Models"). ``activation`` is the feed-forward
+    non-linearity: ``"gelu"`` by default as in :class:`TransformerBlock`, ``"gelu_new"`` (the
+    tanh approximation) for GPT-2's weights, which :meth:`from_hf` sets.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int,
+                 max_len: int, d_ff: int | None = None, dropout: float = 0.0,
+                 *, activation: str = "gelu", norm_eps: float = 1e-5):
+        super().__init__()
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, d_ff, causal=True, dropout=dropout,
+                             activation=activation, norm_eps=norm_eps)
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        init_gpt_weights(self)
+        self.lm_head.weight = self.token_embedding.weight  # tied
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """idx (B, L) token ids -> logits (B, L, vocab_size).
+
+        ``attention_mask`` (B, S) is True for real tokens, False for padding (keys only: a
+        padded position's own output is meaningless). With ``caches`` (one
+        :class:`LayerCache` per block) idx continues the cached sequence: its positions start
+        after the cached ones, and S counts both.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx should have shape (B, L), got {tuple(idx.shape)}")
+        start = len(caches[0]) if caches is not None else 0
+        L = idx.shape[1]
+        if start + L > self.max_len:
+            raise ValueError(f"sequence of {start + L} tokens exceeds max_len={self.max_len}")
+        positions = torch.arange(start, start + L, device=idx.device)  # (L,)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, cache=None if caches is None else caches[i])  # (B, L, d)
+        return self.lm_head(self.norm(x))  # (B, L, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
+
+        Greedy by default; ``do_sample`` draws with ``temperature`` and ``top_k`` (see
+        :func:`next_token`). ``use_cache`` keeps each layer's keys and values
+        (:class:`LayerCache`), so every step feeds only the newest token; without it every
+        step reruns the whole sequence. Both give the same tokens. Call ``.eval()`` first
+        when the model has dropout.
+        """
+        if idx.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(f"{idx.shape[1]} + {max_new_tokens} tokens exceed "
+                             f"max_len={self.max_len} learned positions")
+        caches = [LayerCache() for _ in self.blocks] if use_cache else None
+        fresh = idx  # the tokens the model has not seen yet
+        for _ in range(max_new_tokens):
+            logits = self(fresh if use_cache else idx, caches=caches)  # (B, L', V)
+            token = next_token(logits[:, -1], do_sample, temperature, top_k, generator)
+            idx = torch.cat([idx, token], dim=1)
+            fresh = token
+        return idx
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> GPT:
+        """A GPT with the weights of a ``transformers.GPT2LMHeadModel``.
+
+        GPT-2 stores its linear layers as ``Conv1D`` with weights (in, out), the transpose of
+        ``nn.Linear``'s, and its q, k, v projections stacked in one ``c_attn`` (d, 3d).
+        """
+        c = hf_model.config
+        if not getattr(c, "scale_attn_weights", True) or c.scale_attn_by_inverse_layer_idx:
+            raise ValueError("from_hf supports GPT-2 attention scaled by 1/sqrt(head_dim) only")
+        if not getattr(c, "tie_word_embeddings", True):
+            raise ValueError("from_hf needs the LM head tied to the token embedding, as GPT-2")
+        device, dtype = _hf_reference(hf_model)
+        ours = cls(c.vocab_size, c.n_embd, c.n_layer, c.n_head, c.n_positions, d_ff=c.n_inner,
+                   activation=c.activation_function, norm_eps=c.layer_norm_epsilon)
+        ours = ours.to(device=device, dtype=dtype).eval()
+        hf = hf_model.state_dict()
+        w = {"token_embedding.weight": hf["transformer.wte.weight"],
+             "lm_head.weight": hf["transformer.wte.weight"],
+             "position_embedding.weight": hf["transformer.wpe.weight"],
+             "norm.weight": hf["transformer.ln_f.weight"],
+             "norm.bias": hf["transformer.ln_f.bias"]}
+        for i in range(c.n_layer):
+            src, dst = f"transformer.h.{i}.", f"blocks.{i}."
+            qkv_w = hf[src + "attn.c_attn.weight"].t().chunk(3, dim=0)  # 3 x (d, d), (out, in)
+            qkv_b = hf[src + "attn.c_attn.bias"].chunk(3, dim=0)  # 3 x (d,)
+            for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), qkv_w, qkv_b):
+                w[f"{dst}attn.{name}.weight"], w[f"{dst}attn.{name}.bias"] = weight, bias
+            for ours_name, hf_name in (("attn.out_proj", "attn.c_proj"), ("mlp.0", "mlp.c_fc"),
+                                       ("mlp.2", "mlp.c_proj")):
+                w[f"{dst}{ours_name}.weight"] = hf[f"{src}{hf_name}.weight"].t()  # Conv1D
+                w[f"{dst}{ours_name}.bias"] = hf[f"{src}{hf_name}.bias"]
+            for ours_name, hf_name in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                w[f"{dst}{ours_name}.weight"] = hf[f"{src}{hf_name}.weight"]
+                w[f"{dst}{ours_name}.bias"] = hf[f"{src}{hf_name}.bias"]
+        copy_weights(ours, w)
+        return ours
+
+
+class BertEncoder(nn.Module):
+    """A BERT encoder (Devlin et al., 2019) with its masked-language-model head.
+
+    Embeddings are token + learned position + token type (segment A or B), then LayerNorm;
+    then ``n_layers`` bidirectional post-LN blocks. :meth:`forward` returns the hidden states;
+    :meth:`mlm_logits` turns them into vocabulary logits with BERT's MLM head (dense, GELU,
+    LayerNorm, then the token embedding transposed plus a bias).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int,
+                 max_len: int, d_ff: int | None = None, type_vocab_size: int = 2,
+                 dropout: float = 0.0, *, activation: str = "gelu", norm_eps: float = 1e-12):
+        super().__init__()
+        self.max_len = max_len
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_len, d_model)
+        self.token_type_embedding = nn.Embedding(type_vocab_size, d_model)
+        self.embedding_norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, d_ff, dropout=dropout, norm_first=False,
+                             activation=activation, norm_eps=norm_eps)
+            for _ in range(n_layers))
+        self.mlm_dense = nn.Linear(d_model, d_model)
+        self.mlm_activation = make_activation(activation)
+        self.mlm_norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
+        init_gpt_weights(self)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, L) -> hidden states (B, L, d_model).
+
+        ``attention_mask`` (B, L) is True for real tokens, False for padding, which no
+        position attends to. ``token_type_ids`` (B, L) are 0 for segment A (the default), 1
+        for segment B.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx should have shape (B, L), got {tuple(idx.shape)}")
+        if idx.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds max_len={self.max_len}")
+        positions = torch.arange(idx.shape[1], device=idx.device)  # (L,)
+        types = torch.zeros_like(idx) if token_type_ids is None else token_type_ids
+        x = (self.token_embedding(idx) + self.position_embedding(positions)
+             + self.token_type_embedding(types))  # (B, L, d)
+        x = self.dropout(self.embedding_norm(x))
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask=mask)  # (B, L, d)
+        return x
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L, d) -> masked-token logits (B, L, vocab_size)."""
+        h = self.mlm_norm(self.mlm_activation(self.mlm_dense(hidden)))
+        return F.linear(h, self.token_embedding.weight, self.mlm_bias)  # tied decoder
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> BertEncoder:
+        """A BertEncoder with the weights of a ``transformers.BertModel`` or ``BertForMaskedLM``.
+
+        A ``BertModel`` has no MLM head, so the head keeps its fresh initialisation.
+        """
+        c = hf_model.config
+        if getattr(c, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("from_hf supports BERT with absolute position embeddings only")
+        device, dtype = _hf_reference(hf_model)
+        ours = cls(c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                   c.max_position_embeddings, d_ff=c.intermediate_size,
+                   type_vocab_size=c.type_vocab_size, activation=c.hidden_act,
+                   norm_eps=c.layer_norm_eps)
+        ours = ours.to(device=device, dtype=dtype).eval()
+        hf = hf_model.state_dict()
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in hf else ""
+        pairs = {"token_embedding": "embeddings.word_embeddings",
+                 "position_embedding": "embeddings.position_embeddings",
+                 "token_type_embedding": "embeddings.token_type_embeddings",
+                 "embedding_norm": "embeddings.LayerNorm"}
+        for i in range(c.num_hidden_layers):
+            src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+            pairs.update({dst + "attn.q_proj": src + "attention.self.query",
+                          dst + "attn.k_proj": src + "attention.self.key",
+                          dst + "attn.v_proj": src + "attention.self.value",
+                          dst + "attn.out_proj": src + "attention.output.dense",
+                          dst + "norm1": src + "attention.output.LayerNorm",
+                          dst + "mlp.0": src + "intermediate.dense",
+                          dst + "mlp.2": src + "output.dense",
+                          dst + "norm2": src + "output.LayerNorm"})
+        w = {f"{ours_name}.{kind}": hf[f"{prefix}{hf_name}.{kind}"]
+             for ours_name, hf_name in pairs.items() for kind in ("weight", "bias")
+             if f"{prefix}{hf_name}.{kind}" in hf}
+        if prefix:  # BertForMaskedLM: its MLM head too
+            head = "cls.predictions."
+            w.update({"mlm_dense.weight": hf[head + "transform.dense.weight"],
+                      "mlm_dense.bias": hf[head + "transform.dense.bias"],
+                      "mlm_norm.weight": hf[head + "transform.LayerNorm.weight"],
+                      "mlm_norm.bias": hf[head + "transform.LayerNorm.bias"],
+                      "mlm_bias": hf.get(head + "bias", hf.get(head + "decoder.bias"))})
+        copy_weights(ours, w, may_skip=() if prefix else ("mlm_",))
+        return ours
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """T5's bucket (an integer in ``[0, num_buckets)``) for each ``key - query`` distance.
+
+    Half the buckets hold exact small distances; the other half grow logarithmically up to
+    ``max_distance``, beyond which all distances share the last bucket (Raffel et al., 2020,
+    after Shaw et al., 2018). Bidirectional (encoder) buckets split into keys before and
+    after the query; unidirectional (decoder) ones see only keys before it.
+    """
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return bucket + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned scalar per head and distance bucket, added to the attention scores.
+
+    One table serves every layer of a stack (Hugging Face keeps it in the first layer).
+    """
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128,
+                 bidirectional: bool = True):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.bidirectional = bidirectional
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
+
+    def forward(self, L: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+        """The bias (1, H, L, S) for L queries that are the last L of S positions."""
+        query = torch.arange(S - L, S, device=device)[:, None]  # (L, 1)
+        key = torch.arange(S, device=device)[None, :]  # (1, S)
+        buckets = relative_position_bucket(key - query, self.bidirectional, self.num_buckets,
+                                           self.max_distance)  # (L, S)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, L, S)
+
+
+class T5Stack(nn.Module):
+    """T5's encoder (bidirectional) or decoder (causal, with cross-attention) stack."""
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, d_ff: int, decoder: bool,
+                 num_buckets: int, max_distance: int, dropout: float, norm_eps: float):
+        super().__init__()
+        self.position_bias = RelativePositionBias(n_heads, num_buckets, max_distance,
+                                                  bidirectional=not decoder)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d_model, n_heads, d_ff, causal=decoder, cross_attention=decoder,
+                             dropout=dropout, activation="relu", bias=False, norm="rms",
+                             norm_eps=norm_eps, attn_scale=1.0)
+            for _ in range(n_layers))
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Embedded x (B, L, d) -> (B, L, d); masks as in :meth:`TransformerBlock.forward`."""
+        L = x.shape[1]
+        bias = self.position_bias(L, L, device=x.device).to(x.dtype)  # (1, H, L, L)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, mask=mask, context=context, context_mask=context_mask,
+                      position_bias=bias)
+        return self.dropout(self.norm(x))
+
+
+class T5(nn.Module):
+    """T5, the text-to-text encoder-decoder (Raffel et al., 2020).
+
+    Differences from the original transformer, each for a reason the paper gives: RMS norm
+    without bias, no biases at all, a relative position bias shared by the layers of each
+    stack instead of absolute positions, no ``1/sqrt(d_kv)`` in attention (the
+    initialisation absorbs it), a ReLU feed-forward. With ``tie_word_embeddings`` the LM head
+    is the shared embedding and the decoder output is scaled by ``d_model ** -0.5`` first.
+    ``d_kv`` must be ``d_model // n_heads`` here (MultiHeadAttention's head size).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int,
+                 d_kv: int | None = None, relative_attention_num_buckets: int = 32,
+                 relative_attention_max_distance: int = 128, *,
+                 n_decoder_layers: int | None = None, dropout: float = 0.0,
+                 norm_eps: float = 1e-6, tie_word_embeddings: bool = True):
+        super().__init__()
+        if d_kv is not None and d_kv * n_heads != d_model:
+            raise ValueError(f"d_kv={d_kv} must equal d_model // n_heads = {d_model // n_heads}: "
+                             "MultiHeadAttention splits d_model into n_heads heads")
+        self.d_model, self.tie_word_embeddings = d_model, tie_word_embeddings
+        self.shared = nn.Embedding(vocab_size, d_model)
+        stack = dict(d_model=d_model, n_heads=n_heads, d_ff=d_ff, dropout=dropout,
+                     num_buckets=relative_attention_num_buckets,
+                     max_distance=relative_attention_max_distance, norm_eps=norm_eps)
+        self.encoder = T5Stack(n_layers=n_layers, decoder=False, **stack)
+        self.decoder = T5Stack(n_layers=n_decoder_layers or n_layers, decoder=True, **stack)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights(n_heads)
+        if tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def _init_weights(self, n_heads: int) -> None:
+        """Mesh TensorFlow's T5 initialisation: each weight N(0, 1/fan_in), queries 1/(d·d_kv).
+
+        The query's extra ``1/d_kv`` is where T5 puts the ``1/sqrt(d_kv)`` of attention.
+        """
+        d_kv = self.d_model // n_heads
+        nn.init.normal_(self.shared.weight, std=1.0)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            elif isinstance(m, RelativePositionBias):
+                nn.init.normal_(m.relative_attention_bias.weight, std=self.d_model ** -0.5)
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                nn.init.normal_(m.q_proj.weight, std=(self.d_model * d_kv) ** -0.5)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """input_ids (B, S) -> encoder states (B, S, d); attention_mask (B, S), True = token."""
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        return self.encoder(self.shared(input_ids), mask=mask)
+
+    def decode(self, decoder_input_ids: torch.Tensor, encoder_states: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_input_ids (B, L) and encoder states (B, S, d) -> logits (B, L, vocab)."""
+        context_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        h = self.decoder(self.shared(decoder_input_ids), context=encoder_states,
+                         context_mask=context_mask)  # (B, L, d)
+        if self.tie_word_embeddings:
+            h = h * self.d_model ** -0.5
+        return self.lm_head(h)  # (B, L, V)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, S), decoder_input_ids (B, L) -> logits (B, L, vocab_size).
+
+        ``attention_mask`` (B, S) is True for real input tokens, False for padding.
+        """
+        for name, ids in (("input_ids", input_ids), ("decoder_input_ids", decoder_input_ids)):
+            if ids.dim() != 2:
+                raise ValueError(f"{name} should have shape (B, L), got {tuple(ids.shape)}")
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask),
+                           attention_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, decoder_start_token_id: int = 0
+                 ) -> torch.Tensor:
+        """Decode (B, 1 + max_new_tokens) tokens, starting from ``decoder_start_token_id``.
+
+        The encoder runs once; the decoder reruns on the whole output each step (no K/V
+        cache: lesson 09 adds one to GPT). Greedy by default, sampling as :func:`next_token`.
+        No stop at an end-of-sequence token: every row gets ``max_new_tokens`` tokens.
+        """
+        states = self.encode(input_ids, attention_mask)  # (B, S, d)
+        out = torch.full((input_ids.shape[0], 1), decoder_start_token_id,
+                         dtype=torch.long, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.decode(out, states, attention_mask)[:, -1]  # (B, V)
+            out = torch.cat([out, next_token(logits, do_sample, temperature, top_k,
+                                             generator)], dim=1)
+        return out
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> T5:
+        """A T5 with the weights of a ``transformers.T5ForConditionalGeneration``.
+
+        Supports the original T5 (``feed_forward_proj="relu"``), not T5 v1.1's gated GELU.
+        """
+        c = hf_model.config
+        if getattr(c, "is_gated_act", False) or c.feed_forward_proj != "relu":
+            raise ValueError(f"from_hf supports feed_forward_proj='relu' (the original T5), "
+                             f"got {c.feed_forward_proj!r}")
+        # transformers >= 5 always ties the weights and says whether to scale separately
+        scale = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
+        device, dtype = _hf_reference(hf_model)
+        ours = cls(c.vocab_size, c.d_model, c.num_layers, c.num_heads, c.d_ff, d_kv=c.d_kv,
+                   relative_attention_num_buckets=c.relative_attention_num_buckets,
+                   relative_attention_max_distance=c.relative_attention_max_distance,
+                   n_decoder_layers=c.num_decoder_layers, norm_eps=c.layer_norm_epsilon,
+                   tie_word_embeddings=scale)
+        ours = ours.to(device=device, dtype=dtype).eval()
+        hf = hf_model.state_dict()
+        w = {"shared.weight": hf["shared.weight"], "lm_head.weight": hf["lm_head.weight"]}
+        for stack, n_layers in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
+            w[f"{stack}.norm.weight"] = hf[f"{stack}.final_layer_norm.weight"]
+            w[f"{stack}.position_bias.relative_attention_bias.weight"] = hf[
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+            for i in range(n_layers):
+                src, dst = f"{stack}.block.{i}.layer.", f"{stack}.blocks.{i}."
+                sublayers = [("attn", "norm1", "0", "SelfAttention")]
+                if stack == "decoder":
+                    sublayers.append(("cross_attn", "norm_cross", "1", "EncDecAttention"))
+                for attn, norm, j, hf_attn in sublayers:
+                    for ours_proj, hf_proj in zip(("q_proj", "k_proj", "v_proj", "out_proj"),
+                                                  "qkvo"):
+                        w[f"{dst}{attn}.{ours_proj}.weight"] = hf[
+                            f"{src}{j}.{hf_attn}.{hf_proj}.weight"]
+                    w[f"{dst}{norm}.weight"] = hf[f"{src}{j}.layer_norm.weight"]
+                ff = len(sublayers)  # index of the feed-forward sublayer
+                w[f"{dst}mlp.0.weight"] = hf[f"{src}{ff}.DenseReluDense.wi.weight"]
+                w[f"{dst}mlp.2.weight"] = hf[f"{src}{ff}.DenseReluDense.wo.weight"]
+                w[f"{dst}norm2.weight"] = hf[f"{src}{ff}.layer_norm.weight"]
+        copy_weights(ours, w)
+        return ours

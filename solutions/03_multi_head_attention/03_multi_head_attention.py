@@ -1,0 +1,383 @@
+# %% [markdown]
+# # Lesson 03: Multi-head attention
+#
+# In lesson 02 each query produced **one** softmax over the keys, so each output is **one**
+# weighted average of the values. That is a limit: a word often needs several things at
+# once (its previous word, its subject, the start of the sentence), and one set of weights
+# cannot point at all of them sharply without blurring them together.
+#
+# Vaswani et al. (2017), *Attention Is All You Need*, run several attentions side by side,
+# each in its own small subspace, and concatenate the results. In this lesson you build:
+#
+# 1. `split_heads` and `merge_heads`: the reshapes that turn one wide attention into `h`
+#    narrow ones (and back);
+# 2. a `MultiHeadAttention` module with its output projection;
+# 3. its parameter count, checked against PyTorch's `nn.MultiheadAttention`;
+# 4. a loader that copies the weights of a `torch.nn.MultiheadAttention` into the course's
+#    module, so both compute the same function;
+#
+# and then watch heads of a tiny model specialise on a task that needs two lookups at once.
+
+# %%
+try:
+    import helpers
+except ImportError:  # Colab or a bare kernel: install the course package
+    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+
+# %% id=imports
+import copy
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import attention as ref
+from helpers.device import get_device, is_autograding, seed_everything
+from helpers.plotting import head_patterns
+from helpers.tasks import IGNORE_INDEX, previous_and_first_token_task
+
+generator = seed_everything(0)
+device = get_device()
+print(f"running on {device}")
+
+# %% [markdown]
+# ## The idea
+#
+# With model width $d_{\text{model}}$ and $h$ heads of width $d_k = d_{\text{model}} / h$,
+# head $i$ has its own projections $W_i^Q, W_i^K, W_i^V \in \mathbb{R}^{d_{\text{model}}
+# \times d_k}$ and attends on its own:
+#
+# $$\text{head}_i = \text{Attention}(X W_i^Q,\; C W_i^K,\; C W_i^V)
+#   = \text{softmax}\!\left(\frac{(X W_i^Q)(C W_i^K)^\top}{\sqrt{d_k}}\right) C W_i^V,$$
+#
+# where $X$ holds the $L$ queries' inputs and $C$ the $S$ inputs that keys and values come
+# from ($C = X$ in self-attention). The heads are concatenated and mixed by an output
+# projection $W^O \in \mathbb{R}^{d_{\text{model}} \times d_{\text{model}}}$:
+#
+# $$\text{MultiHead}(X, C) = \text{Concat}(\text{head}_1, \dots, \text{head}_h)\, W^O.$$
+#
+# In code nobody keeps $h$ separate matrices. Stacking the $W_i^Q$ side by side gives one
+# $d_{\text{model}} \times d_{\text{model}}$ matrix $W^Q$, so *one* `nn.Linear` computes all
+# heads' queries at once, and head $i$ is the slice of features $i d_k \dots (i+1) d_k$.
+# Cutting the features into heads is a reshape, and moving the head axis next to the batch
+# axis lets one batched matrix product run every head in parallel:
+#
+# $$(B, L, h \cdot d_k) \xrightarrow{\text{view}} (B, L, h, d_k)
+#   \xrightarrow{\text{transpose}(1,2)} (B, h, L, d_k).$$
+#
+# The order matters: a `view` straight to $(B, h, L, d_k)$ has the right shape and the wrong
+# content, since it cuts the flat memory of positions and features in the wrong places.
+
+# %% solution id=split-heads
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, L, H*D) -> (B, H, L, D): head h gets features h*D .. (h+1)*D (Vaswani et al., 2017).
+
+    Raise a ValueError that names the sizes when the last dim is not divisible by n_heads.
+    """
+    ### BEGIN SOLUTION
+    B, L, E = x.shape
+    if E % n_heads:
+        raise ValueError(f"last dim {E} of x (B, L, H*D) is not divisible by n_heads={n_heads}")
+    return x.view(B, L, n_heads, E // n_heads).transpose(1, 2)  # (B, H, L, D)
+    ### END SOLUTION
+
+
+# %% tests id=split-heads-tests points=2
+from helpers.checks import lesson03 as checks
+checks.split_heads(split_heads)
+### BEGIN HIDDEN TESTS
+import importlib, helpers.hidden
+importlib.reload(helpers.hidden).lesson("03").split_heads(split_heads)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# Merging is the inverse: move the head axis back behind the positions, then flatten the
+# last two axes. After `transpose` the tensor is no longer contiguous in memory, so use
+# `reshape` (which copies when it must), not `view`.
+
+# %% solution id=merge-heads
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H*D): concatenate the heads, the inverse of ``split_heads``."""
+    ### BEGIN SOLUTION
+    B, H, L, D = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * D)  # (B, L, H*D)
+    ### END SOLUTION
+
+
+# %% tests id=merge-heads-tests points=1
+from helpers.checks import lesson03 as checks
+checks.merge_heads(merge_heads)
+### BEGIN HIDDEN TESTS
+import importlib, helpers.hidden
+importlib.reload(helpers.hidden).lesson("03").merge_heads(merge_heads)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## The module
+#
+# Now assemble the module: project, split, attend in every head at once, merge, project
+# out. The constructor is written for you; fill in `forward`. So that this exercise does
+# not depend on the two before, use the course's references `ref.split_heads`,
+# `ref.merge_heads` and `ref.scaled_dot_product_attention` (lesson 02's attention, which
+# returns `(out, weights)`). `mask` is boolean, `True` where attention is allowed, and
+# broadcasts against `(B, H, L, S)`.
+
+# %% solution id=mha-forward
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al., 2017): h attentions in parallel, then W^O."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)  # W^Q, all heads side by side
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)  # W^K
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)  # W^V
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, d_model) attends to context (B, S, d_model), x itself by default.
+
+        Returns (B, L, d_model).
+        """
+        ### BEGIN SOLUTION
+        context = x if context is None else context
+        q = ref.split_heads(self.q_proj(x), self.n_heads)  # (B, H, L, D)
+        k = ref.split_heads(self.k_proj(context), self.n_heads)  # (B, H, S, D)
+        v = ref.split_heads(self.v_proj(context), self.n_heads)  # (B, H, S, D)
+        out, _ = ref.scaled_dot_product_attention(q, k, v, mask=mask)  # (B, H, L, D)
+        return self.out_proj(ref.merge_heads(out))  # (B, L, d_model)
+        ### END SOLUTION
+
+
+# %% tests id=mha-forward-tests points=3
+from helpers.checks import lesson03 as checks
+checks.mha_forward(MultiHeadAttention)
+### BEGIN HIDDEN TESTS
+import importlib, helpers.hidden
+importlib.reload(helpers.hidden).lesson("03").mha_forward(MultiHeadAttention)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ## Counting parameters
+#
+# Four $d_{\text{model}} \times d_{\text{model}}$ matrices ($W^Q, W^K, W^V, W^O$) and, with
+# biases, four bias vectors of length $d_{\text{model}}$:
+#
+# $$N = 4 d_{\text{model}}^2 + 4 d_{\text{model}}.$$
+#
+# The number of heads does not appear: more heads means narrower heads, not more weights.
+# In cross-attention the keys and values may come from a memory of another width;
+# `nn.MultiheadAttention` calls those widths `kdim` and `vdim`, and then $W^K$ is
+# $d_{\text{model}} \times k_{\text{dim}}$ and $W^V$ is $d_{\text{model}} \times v_{\text{dim}}$
+# (their outputs still have width $d_{\text{model}}$, so the biases do not change).
+#
+# Write the count from the formula (do not build a module and count its tensors).
+
+# %% solution id=param-count
+def mha_param_count(d_model: int, n_heads: int, bias: bool = True, kdim: int | None = None,
+                    vdim: int | None = None) -> int:
+    """Number of parameters of multi-head attention; keys/values come from width kdim/vdim."""
+    ### BEGIN SOLUTION
+    kdim = d_model if kdim is None else kdim
+    vdim = d_model if vdim is None else vdim
+    weights = d_model * d_model + d_model * kdim + d_model * vdim + d_model * d_model
+    biases = 4 * d_model if bias else 0
+    return weights + biases
+    ### END SOLUTION
+
+
+# %% tests id=param-count-tests points=1
+from helpers.checks import lesson03 as checks
+checks.param_count(mha_param_count)
+### BEGIN HIDDEN TESTS
+import importlib, helpers.hidden
+importlib.reload(helpers.hidden).lesson("03").param_count(mha_param_count)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# The formula against PyTorch's module, for the width of the original Transformer
+# (Vaswani et al., 2017) and of BERT-base / GPT-2 small, and for a few head counts:
+
+# %%
+for d_model in (512, 768):
+    for n_heads in (1, 8, 12 if d_model == 768 else 16):
+        torch_count = sum(p.numel() for p in nn.MultiheadAttention(d_model, n_heads).parameters())
+        print(f"d_model={d_model:4d} heads={n_heads:2d}: formula {4 * d_model**2 + 4 * d_model:,}"
+              f"  nn.MultiheadAttention {torch_count:,}")
+
+# %% [markdown]
+# ## Loading PyTorch's weights
+#
+# `nn.MultiheadAttention` stores the three input projections stacked in one tensor,
+# `in_proj_weight` of shape $(3 d_{\text{model}}, d_{\text{model}})$, rows in the order
+# $W^Q, W^K, W^V$, and their biases stacked the same way in `in_proj_bias` (which is `None`
+# when `bias=False`); the output projection is `out_proj`, an `nn.Linear`. (With `kdim` or
+# `vdim` different from $d_{\text{model}}$ it keeps separate `q_proj_weight`,
+# `k_proj_weight`, `v_proj_weight` instead; we do not need that case.) `nn.Linear` computes
+# $x W^\top + b$, PyTorch's weights are stored $(\text{out}, \text{in})$ in both modules, so
+# no transposes are needed.
+#
+# Copy the weights of `theirs` into `ours`, a course `ref.MultiHeadAttention` (its
+# projections are called `q_proj`, `k_proj`, `v_proj`, `out_proj`, like yours), in place,
+# under `torch.no_grad()`.
+
+# %% solution id=load-torch-mha
+def load_torch_mha(ours: nn.Module, theirs: nn.MultiheadAttention) -> None:
+    """Copy ``theirs``' stacked q/k/v projections and output projection into ``ours``."""
+    ### BEGIN SOLUTION
+    with torch.no_grad():
+        projections = (ours.q_proj, ours.k_proj, ours.v_proj)
+        for proj, weight in zip(projections, theirs.in_proj_weight.chunk(3)):  # 3 x (E, E)
+            proj.weight.copy_(weight)
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+        if theirs.in_proj_bias is not None:
+            for proj, bias in zip(projections, theirs.in_proj_bias.chunk(3)):  # 3 x (E,)
+                proj.bias.copy_(bias)
+            ours.out_proj.bias.copy_(theirs.out_proj.bias)
+    ### END SOLUTION
+
+
+# %% tests id=load-torch-mha-tests points=2
+from helpers.checks import lesson03 as checks
+checks.load_torch_mha(load_torch_mha)
+### BEGIN HIDDEN TESTS
+import importlib, helpers.hidden
+importlib.reload(helpers.hidden).lesson("03").load_torch_mha(load_torch_mha)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# With the weights loaded, the course's module and PyTorch's compute the same function,
+# here on a causal mask (PyTorch's `attn_mask` is `True` where attention is *forbidden*,
+# the opposite of ours, hence the `~`). The course's reference is used, so this runs even
+# before your loader is done:
+
+# %%
+theirs = nn.MultiheadAttention(64, 8, batch_first=True).to(device)
+ours = ref.MultiHeadAttention.from_torch(theirs)
+x = torch.randn(4, 10, 64, device=device)
+mask = ref.causal_mask(10, device=device)
+with torch.no_grad():
+    difference = (ours(x, mask=mask) - theirs(x, x, x, attn_mask=~mask)[0]).abs().max()
+print(f"largest difference from nn.MultiheadAttention: {difference:.2e}")
+
+# %% [markdown]
+# ## Experiment: heads specialise
+#
+# Do heads really learn different things? Studies of trained translation and language
+# models found heads with clear roles: attending to the previous token, to rare words, to
+# syntactic relations (Voita et al., 2019, *Analyzing Multi-Head Self-Attention: Specialized
+# Heads Do the Heavy Lifting, the Rest Can Be Pruned*; Clark et al., 2019, *What Does BERT
+# Look At? An Analysis of BERT's Attention*), and also that many heads can be removed at
+# little cost (Michel et al., 2019, *Are Sixteen Heads Really Better than One?*).
+#
+# A task where specialisation is forced: at each position, name both the **previous token**
+# and the **first token** of the sequence. A single softmax that splits its weight between
+# two positions returns a blend of two value vectors, from which the two tokens cannot be
+# told apart; two heads, each looking at one position, solve it. The model is the smallest
+# that can: token and position embeddings, one causal multi-head attention layer (the
+# course's reference), and a linear readout that predicts the two tokens.
+
+# %%
+VOCAB, LENGTH, D_MODEL, N_HEADS = 16, 12, 32, 4
+
+
+class LookupModel(nn.Module):
+    """Embeddings, one causal multi-head attention layer, a readout of two tokens."""
+
+    def __init__(self, vocab: int, length: int, d_model: int, n_heads: int):
+        super().__init__()
+        self.vocab = vocab
+        self.token = nn.Embedding(vocab, d_model)
+        self.position = nn.Embedding(length, d_model)
+        self.attention = ref.MultiHeadAttention(d_model, n_heads)
+        self.readout = nn.Linear(d_model, 2 * vocab)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, L) -> logits (B, L, 2, vocab) and attention weights (B, H, L, L)."""
+        B, L = tokens.shape
+        x = self.token(tokens) + self.position.weight[:L]  # (B, L, d_model)
+        mask = ref.causal_mask(L, device=tokens.device)  # (L, L)
+        out, weights = self.attention(x, mask=mask, need_weights=True)
+        return self.readout(out).view(B, L, 2, self.vocab), weights
+
+
+def lookup_accuracy(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[float, float]:
+    """Accuracy on (previous token, first token), ignoring unscored positions."""
+    with torch.no_grad():
+        predictions = model(tokens)[0].argmax(-1)  # (B, L, 2)
+    scored = targets != IGNORE_INDEX
+    correct = (predictions == targets) & scored
+    accuracy = correct.sum(dim=(0, 1)) / scored.sum(dim=(0, 1))  # (2,)
+    return float(accuracy[0]), float(accuracy[1])
+
+
+model = LookupModel(VOCAB, LENGTH, D_MODEL, N_HEADS).to(device)
+optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+steps = 30 if is_autograding() else 120
+for step in range(steps):
+    tokens, targets = previous_and_first_token_task(32, LENGTH, VOCAB, generator, device)
+    logits, _ = model(tokens)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+test_tokens, test_targets = previous_and_first_token_task(512, LENGTH, VOCAB, generator, device)
+previous_accuracy, first_accuracy = lookup_accuracy(model, test_tokens, test_targets)
+print(f"after {steps} steps: loss {loss.item():.3f}, accuracy previous token "
+      f"{previous_accuracy:.1%}, first token {first_accuracy:.1%}")
+
+# %% [markdown]
+# Each head's attention, averaged over the test batch. A "previous token" head lights up
+# the diagonal just below the main one; a "first token" head lights up the first column.
+
+# %%
+with torch.no_grad():
+    _, weights = model(test_tokens)  # (B, H, L, L)
+average = weights.mean(dim=0)  # (H, L, L)
+previous_weight = average.diagonal(offset=-1, dim1=1, dim2=2)[:, 1:].mean(dim=-1)  # (H,)
+first_weight = average[:, 2:, 0].mean(dim=-1)  # (H,)
+titles = [f"head {h}: prev {float(p):.2f}, first {float(f):.2f}"
+          for h, (p, f) in enumerate(zip(previous_weight, first_weight))]
+head_patterns(average, head_titles=titles,
+              title="each head learned one lookup: one step back (sub-diagonal) "
+                    "or the first token (first column)")
+plt.show()
+for h in range(N_HEADS):
+    print(f"head {h}: mean weight on the previous token {previous_weight[h]:.2f}, "
+          f"on the first token {first_weight[h]:.2f} (positions 2 and later)")
+
+# %% [markdown]
+# Which heads matter? Following Michel et al. (2019), remove one head at a time and measure
+# the accuracy again. A head is removed by zeroing its $d_k$ columns of $W^O$: after
+# `merge_heads`, head $h$ occupies features $h d_k \dots (h+1) d_k$, and those are exactly
+# the columns of `out_proj.weight` that read it. Compare removing one head of a role (the
+# other heads of that role still carry part of the answer) with removing all of them: that
+# lookup falls toward chance level (one guess in `VOCAB`, printed first) while the other
+# lookup is untouched.
+
+# %%
+print(f"chance level: {1 / VOCAB:.1%}")
+head_dim = D_MODEL // N_HEADS
+roles = ["previous" if p > f else "first" for p, f in zip(previous_weight, first_weight)]
+by_role = [[h for h in range(N_HEADS) if roles[h] == role] for role in ("previous", "first")]
+for removed in [[h] for h in range(N_HEADS)] + [heads for heads in by_role if heads]:
+    ablated = copy.deepcopy(model)
+    with torch.no_grad():
+        for h in removed:
+            ablated.attention.out_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+    previous_acc, first_acc = lookup_accuracy(ablated, test_tokens, test_targets)
+    print(f"without heads {removed} ({', '.join(roles[h] for h in removed)}): accuracy "
+          f"previous token {previous_acc:.1%}, first token {first_acc:.1%}")
+
+# %% [markdown]
+# ## What's next
+#
+# Every attention so far let each query see every key. Lesson 04 decides *who may see
+# whom*: causal masks for models that generate left to right, padding masks for batches of
+# sentences of different lengths, and cross-attention, where a decoder's queries read an
+# encoder's keys and values, trained on a toy translation whose alignment you can see.

@@ -1,0 +1,174 @@
+"""Lesson 04's checks: they accept the lesson's solutions, reject typical mistakes and
+shortcuts, and the hidden verdicts survive a student who patches comparisons or helpers."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from helpers import attention as ref
+from helpers.checks import CheckFailed
+from helpers.checks import lesson04 as checks
+from helpers.hidden import lesson
+
+from conftest import solution_namespace
+
+
+
+@pytest.fixture(scope="module")
+def solution() -> dict:
+    return solution_namespace("04")
+
+
+@pytest.fixture(scope="module")
+def hidden():
+    return lesson("04")
+
+
+EXERCISES = [("causal_mask", "causal_mask"), ("padding_mask", "padding_mask"),
+             ("cross_attention", "cross_attention"),
+             ("gradient_dependence", "gradient_dependence")]
+
+
+@pytest.mark.parametrize("check, name", EXERCISES)
+def test_solution_passes_visible_and_hidden(solution, hidden, check, name):
+    getattr(checks, check)(solution[name])
+    getattr(hidden, check)(solution[name])
+
+
+# Typical wrong answers -----------------------------------------------------------------
+
+def causal_top_left(L, S=None, device=None):
+    S = L if S is None else S
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+
+
+def causal_inverted(L, S=None, device=None):
+    S = L if S is None else S
+    return torch.ones(L, S, dtype=torch.bool, device=device).triu(S - L + 1)
+
+
+def causal_without_diagonal(L, S=None, device=None):
+    S = L if S is None else S
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L - 1)
+
+
+def padding_inverted(lengths, S):
+    return (torch.arange(S) >= lengths[:, None])[:, None, None, :]
+
+
+def padding_off_by_one(lengths, S):
+    return (torch.arange(S) <= lengths[:, None])[:, None, None, :]
+
+
+def padding_wrong_axis(lengths, S):
+    return (torch.arange(S) < lengths[:, None])[:, None, :, None]
+
+
+def cross_from_x(attn, x, context, context_lengths=None):
+    q = ref.split_heads(attn.q_proj(x), attn.n_heads)
+    k = ref.split_heads(attn.k_proj(x), attn.n_heads)
+    v = ref.split_heads(attn.v_proj(x), attn.n_heads)
+    return attn.out_proj(ref.merge_heads(ref.scaled_dot_product_attention(q, k, v)[0]))
+
+
+def cross_unmasked(attn, x, context, context_lengths=None):
+    q = ref.split_heads(attn.q_proj(x), attn.n_heads)
+    k = ref.split_heads(attn.k_proj(context), attn.n_heads)
+    v = ref.split_heads(attn.v_proj(context), attn.n_heads)
+    return attn.out_proj(ref.merge_heads(ref.scaled_dot_product_attention(q, k, v)[0]))
+
+
+def dependence_transposed(model, x):
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    rows = [torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0].norm(dim=(0, 2))
+            for i in range(out.shape[1])]
+    return torch.stack(rows).T
+
+
+def dependence_of_total(model, x):
+    """One backward pass of the whole output: every row is the same, the future leaks in."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    return grad.norm(dim=(0, 2)).expand(x.shape[1], x.shape[1])
+
+
+WRONG = [
+    ("causal_mask", causal_top_left, "top-left aligned"),
+    ("causal_mask", causal_inverted, "inverted"),
+    ("causal_mask", causal_without_diagonal, "diagonal"),
+    ("padding_mask", padding_inverted, "inverted"),
+    ("padding_mask", padding_off_by_one, "off by one"),
+    ("padding_mask", padding_wrong_axis, r"\(B, 1, 1, S\)"),
+    ("cross_attention", cross_from_x, "context"),
+    ("cross_attention", cross_unmasked, "padded"),
+    ("gradient_dependence", dependence_transposed, "transposed"),
+    ("gradient_dependence", dependence_of_total, "reference"),
+]
+
+
+@pytest.mark.parametrize("check, answer, hint", WRONG)
+def test_visible_check_names_the_mistake(check, answer, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        getattr(checks, check)(answer)
+
+
+@pytest.mark.parametrize("check, answer, hint", WRONG)
+def test_hidden_test_rejects_the_mistake(hidden, check, answer, hint):
+    with pytest.raises(hidden._core.HiddenTestFailed) as failure:
+        for _ in range(3):  # random shapes: a mistake may hide in one draw (e.g. L = S)
+            getattr(hidden, check)(answer)
+    assert not isinstance(failure.value, hidden._core.ShortcutUsed)
+
+
+# Shortcuts -----------------------------------------------------------------------------
+
+def causal_from_torch(L, S=None, device=None):
+    S = L if S is None else S
+    return causal_lower_right(L, S)._materialize(device)
+
+
+def cross_by_calling_module(attn, x, context, context_lengths=None):
+    mask = None if context_lengths is None else ref.padding_mask(context_lengths, context.shape[1])
+    return attn(x, context=context, mask=mask)
+
+
+SHORTCUTS = [("causal_mask", ref.causal_mask), ("causal_mask", causal_from_torch),
+             ("padding_mask", ref.padding_mask), ("cross_attention", cross_by_calling_module)]
+
+
+@pytest.mark.parametrize("check, answer", SHORTCUTS)
+def test_hidden_test_rejects_shortcuts(hidden, check, answer):
+    getattr(checks, check)(answer)  # the shortcut computes the right thing ...
+    with pytest.raises(hidden._core.ShortcutUsed):  # ... but is not the exercise
+        getattr(hidden, check)(answer)
+
+
+def test_hidden_verdicts_ignore_patched_comparisons_and_helpers(monkeypatch, solution):
+    monkeypatch.setattr(torch, "allclose", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.testing, "assert_close", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ref, "causal_mask", causal_top_left)
+    monkeypatch.setattr(ref.MultiHeadAttention, "from_torch", classmethod(
+        lambda cls, theirs: cls(theirs.embed_dim, theirs.num_heads)))
+    hidden = lesson("04")
+    with pytest.raises(hidden._core.HiddenTestFailed):
+        hidden.causal_mask(causal_inverted)
+    with pytest.raises(hidden._core.HiddenTestFailed):
+        hidden.padding_mask(padding_off_by_one)
+    with pytest.raises(hidden._core.HiddenTestFailed):
+        hidden.cross_attention(cross_from_x)
+    hidden.cross_attention(solution["cross_attention"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gradient_dependence_runs_on_cuda(solution):
+    model = checks.CausalSelfAttention(8, 2).cuda()
+    x = torch.randn(2, 5, 8, device="cuda")
+    dependence = solution["gradient_dependence"](model, x)
+    assert dependence.device.type == "cuda"
+    assert bool((dependence.triu(diagonal=1) == 0).all())
+    assert torch.allclose(dependence.cpu(), checks.dependence_oracle(model.cpu(), x.cpu()),
+                          atol=1e-5)
