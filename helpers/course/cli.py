@@ -29,7 +29,7 @@ def _lab(args: argparse.Namespace) -> int:
             print(f"copied {lesson.name} into {target}")
     print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released)")
     command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={work}"] + args.jupyter_args
-    return subprocess.call(command)
+    return subprocess.call(command, cwd=work)
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    lab = commands.add_parser("lab", help="open JupyterLab on your own copy of the student notebooks")
+    lab = commands.add_parser("lab", help="open JupyterLab on your own copy of the student notebooks "
+                                          "(other options go to jupyter lab, e.g. --no-browser)")
     lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder)")
-    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to jupyter lab")
     lab.set_defaults(run=_lab)
 
     release = commands.add_parser("release", help="rebuild solution and student notebooks from the lesson scripts")
@@ -109,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.jupyter_args = extra
     try:
         return args.run(args)
     except (CourseError, FileNotFoundError) as error:

@@ -43,7 +43,9 @@ def dot_scores(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(1, 11), D=(1, 40))
+        # S >= 2: with L = S = 1, k qᵀ equals q kᵀ; D >= 2: with d_k = 1, scores divided by
+        # √d_k equal the raw ones
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(2, 11), D=(2, 40))
         q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
         k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
         with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS):
@@ -79,11 +81,12 @@ def stable_softmax(student: Callable) -> None:
 
 def _mask(generator: torch.Generator, n: dict[str, int], device: torch.device) -> torch.Tensor:
     """A random boolean mask in one of the shapes that broadcast to (B, H, L, S), with one
-    query row that sees no key."""
+    query row that sees no key and one that sees at least two (needs L, S >= 2)."""
     shapes = [(n["L"], n["S"]), (n["B"], 1, n["L"], n["S"]), (n["B"], n["H"], n["L"], n["S"])]
     shape = shapes[int(torch.randint(len(shapes), (), generator=generator))]
     mask = torch.rand(shape, generator=generator) < 0.7
     mask[..., 0, :] = False
+    mask[..., 1, :2] = True  # rows with fewer than two keys are one-hot whatever the scale
     return mask.to(device)
 
 
@@ -92,8 +95,9 @@ def attention(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        # S, D >= 2: with one key, or d_k = 1, a missing 1/sqrt(d_k) would go unnoticed
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(2, 11), D=(2, 40), Dv=(1, 12))
+        # S, D >= 2: with one key, or d_k = 1, a missing 1/sqrt(d_k) would go unnoticed;
+        # L >= 2: the mask's first query is blind, a second one shows whether `scale` is used
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(2, 9), S=(2, 11), D=(2, 40), Dv=(1, 12))
         q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
         k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
         v = _randn(generator, n["B"], n["H"], n["S"], n["Dv"], dtype=dtype)
@@ -116,12 +120,15 @@ def attention_entropy(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(3, 9), S=(1, 11), sharpness=(1, 20))
+        # S >= 2 and a uniform query (entropy ln S >= ln 2): with one key, or only sharp rows,
+        # every entropy is ~0 and bits, nats or a flipped sign all look right
+        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(4, 9), S=(2, 11), sharpness=(1, 20))
         logits = _randn(generator, n["B"], n["H"], n["L"], n["S"], dtype=dtype)
         weights = reference.softmax(logits * n["sharpness"], dim=-1)  # (B, H, L, S)
         weights[..., 0, :] = 0.0  # a query that attends to nothing
         weights[..., 1, :] = 0.0
         weights[..., 1, -1] = 1.0  # a one-hot query
+        weights[..., 2, :] = 1.0 / n["S"]  # a uniform query
         with forbid(torch_functions=["entr", "special_entr", "xlogy", "special_xlogy"]):
             entropy = student(weights)
         what = f"attention_entropy, {n}, {dtype}, seed {seed}"

@@ -18,8 +18,16 @@ FORBIDDEN_MHA = ["multi_head_attention_forward"]
 FORBIDDEN_HELPERS = ["helpers.attention.MultiHeadAttention"]
 
 
-def _shape(rng: random.Random) -> tuple[int, int, int, int]:
-    return rng.randint(1, 3), rng.randint(1, 7), rng.randint(1, 5), rng.randint(1, 6)
+def _shape(rng: random.Random, smallest: int = 1) -> tuple[int, int, int, int]:
+    """(B, L, H, D); ``smallest`` bounds L, H and D from below."""
+    return (rng.randint(1, 3), rng.randint(smallest, 7), rng.randint(smallest, 5),
+            rng.randint(smallest, 6))
+
+
+def _shapes(rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """Three shapes, the first with L, H, D >= 2: with one head, one feature per head or
+    one position, interleaved heads or a missing transpose give the right tensor."""
+    return [_shape(rng, smallest=2), _shape(rng), _shape(rng)]
 
 
 def _dtype(rng: random.Random) -> torch.dtype:
@@ -29,8 +37,7 @@ def _dtype(rng: random.Random) -> torch.dtype:
 def split_heads(split_heads) -> None:
     """(B, L, H*D) -> (B, H, L, D): head h holds features h*D .. (h+1)*D of every position."""
     rng = random.Random(_core.random_seed())
-    for _ in range(3):
-        B, L, H, D = _shape(rng)
+    for B, L, H, D in _shapes(rng):
         x = torch.randn(B, L, H * D, dtype=_dtype(rng))
         with _core.forbid(helpers=["helpers.attention.split_heads"]):
             out = split_heads(x, H)
@@ -46,8 +53,7 @@ def split_heads(split_heads) -> None:
 def merge_heads(merge_heads) -> None:
     """(B, H, L, D) -> (B, L, H*D): heads concatenated along the features."""
     rng = random.Random(_core.random_seed())
-    for _ in range(3):
-        B, L, H, D = _shape(rng)
+    for B, L, H, D in _shapes(rng):
         x = torch.randn(B, H, L, D, dtype=_dtype(rng))
         with _core.forbid(helpers=["helpers.attention.merge_heads"]):
             out = merge_heads(x)
@@ -65,6 +71,16 @@ def _torch_mha(rng: random.Random, d_model: int, n_heads: int, bias: bool,
     return theirs
 
 
+def _allowed(rng: random.Random, L: int, S: int) -> torch.Tensor:
+    """(L, S) mask, True = attend: every query sees a key, and query 0 misses one, so that
+    an answer ignoring the mask differs (needs S >= 2)."""
+    allowed = torch.rand(L, S) < 0.6
+    seen = rng.randrange(S)
+    allowed[:, seen] = True  # every query sees at least one key
+    allowed[0, (seen + rng.randrange(1, S)) % S] = False
+    return allowed
+
+
 def mha_forward(module_class) -> None:
     """The student's module, given ``nn.MultiheadAttention``'s weights, gives its outputs."""
     rng = random.Random(_core.random_seed())
@@ -72,7 +88,8 @@ def mha_forward(module_class) -> None:
     for _ in range(3):
         n_heads, head_dim = rng.randint(1, 4), rng.randint(1, 6)
         d_model, B = n_heads * head_dim, rng.randint(1, 3)
-        L, S = rng.randint(1, 6), rng.randint(1, 6)
+        # S >= 2: with one key the mask allows everything, and ignoring it goes unnoticed
+        L, S = rng.randint(1, 6), rng.randint(2, 6)
         dtype = _dtype(rng)
         theirs = _torch_mha(rng, d_model, n_heads, True, dtype)
         ours = module_class(d_model, n_heads).to(dtype)
@@ -86,8 +103,7 @@ def mha_forward(module_class) -> None:
             ours.out_proj.bias.copy_(theirs.out_proj.bias)
         x = torch.randn(B, L, d_model, dtype=dtype)
         context = torch.randn(B, S, d_model, dtype=dtype)
-        allowed = torch.rand(L, S) < 0.6
-        allowed[:, rng.randrange(S)] = True  # every query sees at least one key
+        allowed = _allowed(rng, L, S)
         with _core.forbid(torch_functions=FORBIDDEN_MHA, helpers=FORBIDDEN_HELPERS):
             self_out = ours(x)
             cross_out = ours(x, context=context, mask=allowed)
@@ -98,13 +114,23 @@ def mha_forward(module_class) -> None:
         _core.expect_close(cross_out, expected_cross, f"masked cross-attention, L={L}, S={S}")
 
 
+def _other_width(rng: random.Random, d_model: int) -> int:
+    """A key or value width in 1 .. 100 that differs from ``d_model``: equal widths give
+    the count of a module without kdim, vdim."""
+    width = rng.randint(1, 99)
+    return width if width < d_model else width + 1
+
+
 def param_count(mha_param_count) -> None:
     """The count equals ``sum(p.numel())`` of ``nn.MultiheadAttention`` of the same sizes."""
     rng = random.Random(_core.random_seed())
-    for _ in range(4):
+    # every combination of bias and widths, each time: a count that forgets the biases is
+    # right without them, one that ignores kdim, vdim is right without those
+    for bias, other_widths in ((True, False), (False, False), (True, True), (False, True)):
         n_heads = rng.randint(1, 8)
-        d_model, bias = n_heads * rng.randint(1, 64), rng.random() < 0.5
-        widths = rng.choice([{}, {"kdim": rng.randint(1, 100), "vdim": rng.randint(1, 100)}])
+        d_model = n_heads * rng.randint(1, 64)
+        widths = {"kdim": _other_width(rng, d_model),
+                  "vdim": _other_width(rng, d_model)} if other_widths else {}
         with _core.forbid(helpers=FORBIDDEN_HELPERS + ["torch.nn.MultiheadAttention"]):
             count = mha_param_count(d_model, n_heads, bias=bias, **widths)
         module = nn.MultiheadAttention(d_model, n_heads, bias=bias, device="meta", **widths)
@@ -119,9 +145,10 @@ def load_torch_mha(load_torch_mha) -> None:
     attention = _core.fresh_import("helpers.attention")
     rng = random.Random(_core.random_seed())
     torch.manual_seed(rng.randrange(2**31))
-    for _ in range(3):
+    # one module with biases, each time: without them, an answer that skips them is right
+    for bias in (True, rng.random() < 0.6, rng.random() < 0.6):
         n_heads, head_dim = rng.randint(1, 4), rng.randint(1, 6)
-        d_model, bias, dtype = n_heads * head_dim, rng.random() < 0.6, _dtype(rng)
+        d_model, dtype = n_heads * head_dim, _dtype(rng)
         theirs = _torch_mha(rng, d_model, n_heads, bias, dtype)
         ours = attention.MultiHeadAttention(d_model, n_heads, bias=bias).to(dtype)
         with _core.forbid(torch_functions=FORBIDDEN_MHA, helpers=FORBIDDEN_HELPERS):

@@ -18,12 +18,21 @@ from torch.nn.attention.bias import causal_lower_right
 from helpers.hidden import _core
 
 
+def _mask_sizes(rng: random.Random) -> list[tuple[int, int]]:
+    """Four (L, S), the first with L < S: where L = S, top-left and bottom-right aligned
+    masks are the same, and a top-left one would pass."""
+    S = rng.randint(2, 9)
+    sizes = [(rng.randint(1, S - 1), S)]
+    for _ in range(3):
+        S = rng.randint(1, 9)
+        sizes.append((rng.choice([S, rng.randint(1, S)]), S))
+    return sizes
+
+
 def causal_mask(causal_mask) -> None:
     """Bottom-right aligned (L, S) boolean masks, for L = S and for L < S."""
     rng = random.Random(_core.random_seed())
-    for _ in range(4):
-        S = rng.randint(1, 9)
-        L = rng.choice([S, rng.randint(1, S)])
+    for L, S in _mask_sizes(rng):
         with _core.forbid(helpers=["helpers.attention.causal_mask",
                                    "helpers.attention.sliding_window_mask",
                                    "torch.nn.attention.bias.causal_lower_right"]):
@@ -45,13 +54,23 @@ def _ignore_oracle(lengths: torch.Tensor, S: int) -> torch.Tensor:
     return padded[:-1]  # (B, S)
 
 
+def _lengths(B: int, S: int, padded: bool) -> torch.Tensor:
+    """(B,) random lengths in 1 .. S; if ``padded`` (needs S >= 2), the first is below S."""
+    lengths = torch.randint(1, S + 1, (B,))
+    if padded:
+        lengths[0] = torch.randint(1, S, ())
+    return lengths
+
+
 def padding_mask(padding_mask) -> None:
     """(B, 1, 1, S), True on the real keys; attention with it equals PyTorch's with ~it."""
     rng = random.Random(_core.random_seed())
     torch.manual_seed(rng.randrange(2**31))
-    for _ in range(3):
-        B, S = rng.randint(1, 5), rng.randint(1, 9)
-        lengths = torch.randint(1, S + 1, (B,))
+    for smallest in (2, 1, 1):
+        # the first S >= 2 with a padded sequence: where no sequence is padded, an
+        # off-by-one mask is right, and with S = 1 a (B, 1, S, 1) mask is too
+        B, S = rng.randint(1, 5), rng.randint(smallest, 9)
+        lengths = _lengths(B, S, padded=smallest > 1)
         with _core.forbid(helpers=["helpers.attention.padding_mask"]):
             mask = padding_mask(lengths, S)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -68,10 +87,12 @@ def cross_attention(cross_attention) -> None:
     attention = _core.fresh_import("helpers.attention")
     rng = random.Random(_core.random_seed())
     torch.manual_seed(rng.randrange(2**31))
-    for _ in range(3):
+    for padded in (True, False, False):
+        # the first with padding (S >= 2): without it, an answer that ignores the lengths
+        # is right
         n_heads, head_dim = rng.randint(1, 4), rng.randint(1, 6)
         d_model, B = n_heads * head_dim, rng.randint(1, 4)
-        L, S = rng.randint(1, 7), rng.randint(1, 7)
+        L, S = rng.randint(1, 7), rng.randint(2 if padded else 1, 7)
         dtype = rng.choice([torch.float32, torch.float64])
         theirs = nn.MultiheadAttention(d_model, n_heads, batch_first=True).to(dtype)
         with torch.no_grad():
@@ -79,7 +100,7 @@ def cross_attention(cross_attention) -> None:
         attn = attention.MultiHeadAttention.from_torch(theirs)
         x = torch.randn(B, L, d_model, dtype=dtype)
         context = torch.randn(B, S, d_model, dtype=dtype)
-        lengths = torch.randint(1, S + 1, (B,)) if rng.random() < 0.7 else None
+        lengths = _lengths(B, S, padded) if padded or rng.random() < 0.7 else None
         with torch.no_grad(), _core.forbid(torch_functions=["multi_head_attention_forward"],
                                            helpers=["helpers.attention.MultiHeadAttention"]):
             out = cross_attention(attn, x, context, lengths)
