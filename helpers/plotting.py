@@ -11,27 +11,37 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
 
 
 def attention_heatmap(weights: torch.Tensor, x_labels: Sequence[str] | None = None,
                       y_labels: Sequence[str] | None = None, ax: plt.Axes | None = None,
-                      title: str | None = None) -> plt.Axes:
+                      title: str | None = None, value_label: str = "attention weight",
+                      colorbar: bool = True, vmax: float | None = None) -> plt.Axes:
     """Draw (L, S) attention weights: one row per query, one column per key, colour = weight.
 
     Rows of a softmax sum to 1, so a bright cell means "this query reads this key".
+    ``value_label`` names the colour scale when the matrix holds something else (e.g.
+    gradient norms); without labels the ticks are the integer positions.
     """
     if weights.dim() != 2:
         raise ValueError(f"weights should have shape (L, S), got {tuple(weights.shape)}: "
                          "select one batch element and head first, e.g. weights[0, 0]")
     ax = ax if ax is not None else plt.subplots(figsize=(5, 4))[1]
     image = ax.imshow(weights.detach().float().cpu().numpy(), cmap="viridis", vmin=0.0,
-                      aspect="auto")
-    ax.figure.colorbar(image, ax=ax, label="attention weight")
+                      vmax=vmax, aspect="auto")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label=value_label)
     L, S = weights.shape
     if x_labels is not None:
         ax.set_xticks(range(S), x_labels, rotation=45, ha="right")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if y_labels is not None:
         ax.set_yticks(range(L), y_labels)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     ax.set_title(title or "attention weights (each row sums to 1)")
@@ -53,6 +63,10 @@ def curves(x: Sequence[float], series: Mapping[str, Sequence[float]], xlabel: st
         ax.set_xscale("log", base=2)
     if log_y:
         ax.set_yscale("log")
+    if log_x:  # label the swept values themselves (1, 4, 16 ...), not powers of 2
+        xs = [float(value) for value in x]
+        ax.set_xticks(xs, [f"{value:g}" for value in xs])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -63,7 +77,8 @@ def curves(x: Sequence[float], series: Mapping[str, Sequence[float]], xlabel: st
 
 def head_patterns(weights: torch.Tensor, head_titles: Sequence[str] | None = None,
                   title: str = "attention pattern of each head",
-                  labels: Sequence[str] | None = None) -> plt.Figure:
+                  labels: Sequence[str] | None = None, xlabel: str = "key",
+                  ylabel: str = "query") -> plt.Figure:
     """One :func:`attention_heatmap` per head, side by side, from (H, L, S) weights.
 
     Heads of one layer that learned different lookups (Voita et al., 2019; Clark et al.,
@@ -74,12 +89,17 @@ def head_patterns(weights: torch.Tensor, head_titles: Sequence[str] | None = Non
         raise ValueError(f"weights should have shape (H, L, S), got {tuple(weights.shape)}: "
                          "select one batch element first (or average over the batch)")
     n_heads = weights.shape[0]
-    figure, axes = plt.subplots(1, n_heads, figsize=(3.6 * n_heads, 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, n_heads, figsize=(3.3 * n_heads + 0.8, 3.4), squeeze=False,
+                                layout="constrained")
+    vmax = float(weights.detach().max())  # one colour scale, so heads compare at a glance
     for head, ax in enumerate(axes[0]):
         name = head_titles[head] if head_titles is not None else f"head {head}"
-        attention_heatmap(weights[head], x_labels=labels, y_labels=labels, ax=ax, title=name)
+        attention_heatmap(weights[head], x_labels=labels, y_labels=labels, ax=ax, title=name,
+                          colorbar=False, vmax=vmax)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel if head == 0 else "")
+    figure.colorbar(axes[0, -1].images[0], ax=axes[0].tolist(), label="attention weight")
     figure.suptitle(title)
-    figure.tight_layout()
     return figure
 
 
@@ -102,11 +122,15 @@ def gradient_norm_by_distance(norms: Mapping[str, torch.Tensor],
             ax.plot(range(len(bound)), bound.numpy(), linestyle="--", color=line.get_color(),
                     alpha=0.7)
     ax.set_yscale("log")
-    ax.set_xlabel("distance k back from the last input")
+    ax.set_xlabel("distance k back from the last input (steps)")
     ax.set_ylabel(r"gradient norm $\|\partial h_L / \partial x_{L-k}\|$")
     ax.set_title(title or "gradients shrink (or blow up) exponentially with distance")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if bounds:  # one legend entry for all the dashed bounds, not drawn as a line of its own
+        handles.append(Line2D([], [], linestyle="--", color="gray"))
+        labels.append("upper bound\n(dashed, same colour)")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # clear of the data
     return ax
 
 
@@ -122,7 +146,8 @@ def accuracy_by_distance(distances: Sequence[int], accuracies: Mapping[str, Sequ
     for label, values in accuracies.items():
         ax.plot(list(distances), [float(value) for value in values], marker="o", label=label)
     if chance is not None:
-        ax.axhline(chance, linestyle=":", color="gray", label=f"chance ({chance:.2f})")
+        ax.axhline(chance, linestyle=":", color="gray", label=f"chance ({chance:.3g})")
+    ax.set_xticks(list(distances))  # tick exactly the distances that were measured
     ax.set_ylim(0.0, 1.05)
     ax.set_xlabel("distance to the token to recall (steps)")
     ax.set_ylabel("recall accuracy")

@@ -43,6 +43,20 @@ def solution_namespace(number: str) -> dict:
     return namespace
 
 
+@pytest.fixture(scope="module")
+def solution(request) -> dict:
+    """The reference answers of the lesson named by the test module's ``LESSON``."""
+    return solution_namespace(request.module.LESSON)
+
+
+@pytest.fixture(scope="module")
+def hidden(request):
+    """A private copy of the hidden tests of the test module's ``LESSON``."""
+    from helpers.hidden import lesson
+
+    return lesson(request.module.LESSON)
+
+
 def expect_hidden_failure(run, kind: str = "HiddenTestFailed") -> AssertionError:
     """Run a hidden test and require it to fail with ``kind`` (or a subclass).
 

@@ -92,10 +92,10 @@ def grade(folder: Path, out: Path, lessons, **options) -> tuple[Path, dict]:
     return out, table
 
 
-def exercise_scores(out: Path, lesson, student: str) -> dict[str, float]:
+def exercise_scores(out: Path, lesson, student: str, db_url: str | None = None) -> dict[str, float]:
     from nbgrader.api import Gradebook
 
-    with Gradebook(sqlite_url(out / "gradebook.db"), "attention-course") as gradebook:
+    with Gradebook(db_url or sqlite_url(out / "gradebook.db"), "attention-course") as gradebook:
         notebook = gradebook.find_submission_notebook(lesson.name, lesson.name, student)
         return {grade.name: grade.score for grade in notebook.grades}
 
@@ -116,21 +116,29 @@ def test_untouched_notebooks_score_zero(graded, lesson):
     assert (row["status"], float(row["score"])) == ("graded", 0.0)
 
 
-def test_infinite_loop_times_out_and_the_rest_is_graded(tmp_path):
+def test_infinite_loop_times_out_and_the_rest_is_graded_into_the_db_asked_for(tmp_path):
     looping = answered_notebook(FAST, {first_answer(FAST): "while True:\n    pass"})
     hand_in(tmp_path / "in", "looper", FAST, looping)
-    out, table = grade(tmp_path / "in", tmp_path / "out", [FAST], cell_timeout=10)
+    elsewhere = sqlite_url(tmp_path / "elsewhere" / "grades.sqlite")
+    (tmp_path / "elsewhere").mkdir()
+    out, table = grade(tmp_path / "in", tmp_path / "out", [FAST], cell_timeout=10, db_url=elsewhere)
     row = table[("looper", FAST.name)]
     assert row["status"] == "timeout"
     assert f"cell {first_answer(FAST)} ran past 10 s and was interrupted" in row["notes"]
-    scores = exercise_scores(out, FAST, "looper")
+    scores = exercise_scores(out, FAST, "looper", db_url=elsewhere)
     assert sum(scores.values()) > 0, "cells after the loop were not graded"
+    assert not (out / "gradebook.db").exists(), "--db was ignored"
 
 
-def test_kernel_crash_is_recorded(graded):
-    _, table = graded
+def test_kernel_crash_is_recorded_and_leaves_no_partial_grade(graded):
+    from nbgrader.api import Gradebook, MissingEntry
+
+    out, table = graded
     row = table[("crasher", FAST.name)]
     assert (row["status"], float(row["score"])) == ("crashed", 0.0)
+    with Gradebook(sqlite_url(out / "gradebook.db"), "attention-course") as gradebook:
+        with pytest.raises(MissingEntry):
+            gradebook.find_submission(FAST.name, "crasher")
 
 
 def test_deleted_and_edited_test_cells_are_graded_from_the_original(graded):

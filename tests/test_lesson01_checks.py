@@ -3,7 +3,6 @@ typical wrong answers and the shortcuts, and cannot be fooled by a patched kerne
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -11,21 +10,13 @@ from torch import nn
 import helpers.rnn
 from helpers.checks import CheckFailed
 from helpers.checks import lesson01 as checks
-from helpers.hidden import lesson
 
-from conftest import expect_hidden_failure, solution_namespace
+from conftest import expect_hidden_failure
+
+LESSON = "01"
+
 
 EXERCISES = ["rnn_cell", "rnn_unroll", "context_vector", "gradient_norms"]
-
-
-@pytest.fixture(scope="module")
-def solution() -> dict:
-    return solution_namespace("01")
-
-
-@pytest.fixture(scope="module")
-def hidden():
-    return lesson("01")
 
 
 def rejected(name: str, answer, hidden, hint: str) -> None:

@@ -16,19 +16,12 @@ from helpers.checks import CheckFailed
 from helpers.checks import lesson02 as checks
 from helpers.hidden import lesson
 
-from conftest import expect_hidden_failure, solution_namespace
+from conftest import expect_hidden_failure
+
+LESSON = "02"
+
 
 EXERCISES = ["dot_scores", "stable_softmax", "attention", "attention_entropy"]
-
-
-@pytest.fixture(scope="module")
-def solution() -> dict:
-    return solution_namespace("02")
-
-
-@pytest.fixture(scope="module")
-def hidden():
-    return lesson("02")
 
 
 @pytest.mark.parametrize("name", EXERCISES)

@@ -17,14 +17,12 @@ from helpers import tasks
 from helpers.checks import CheckFailed
 from helpers.checks import lesson05 as checks
 
-from conftest import expect_hidden_failure, solution_namespace
+from conftest import expect_hidden_failure
+
+LESSON = "05"
+
 
 IGNORE = tasks.IGNORE_INDEX
-
-
-@pytest.fixture(scope="module")
-def solution() -> dict:
-    return solution_namespace("05")
 
 
 def hidden():

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from helpers.checks import expect, expect_close, expect_shape, expect_tensor, is_close, passed
+from helpers.checks import (CheckFailed, expect, expect_close, expect_shape, expect_tensor,
+                            is_close, passed)
 from helpers.device import get_device
 
 B, L, D, H = 3, 6, 4, 5  # D != H, so a transposed W_x fails loudly
@@ -40,6 +41,14 @@ def _torch_rnn(W_x: torch.Tensor, W_h: torch.Tensor, b: torch.Tensor) -> torch.n
     return rnn
 
 
+def _call(fn: Callable, args: tuple, name: str, hint: str) -> object:
+    """``fn(*args)``, turning a shape or indexing error inside it into a check that says why."""
+    try:
+        return fn(*args)
+    except (RuntimeError, IndexError) as error:
+        raise CheckFailed(f"{name} raised {type(error).__name__}: {error}\n{hint}") from error
+
+
 def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     expect(value.dtype == dtype, f"{name} has dtype {value.dtype}, expected {dtype} (the dtype "
            "of the inputs): did you create a tensor without dtype= or call .float()?")
@@ -49,7 +58,11 @@ def rnn_cell(fn: Callable) -> None:
     """Check ``rnn_cell(x_t, h_prev, W_x, W_h, b)`` -> (B, H) against ``torch.nn.RNNCell``."""
     x_t, h_prev = _randn(B, D, seed=0), _randn(B, H, seed=1, scale=0.8)
     W_x, W_h, b = _weights(seed=2)
-    h_t = expect_tensor(fn(x_t, h_prev, W_x, W_h, b), "rnn_cell(...)")
+    shapes = (f"shapes: x_t (B, D) = {(B, D)}, h_prev (B, H) = {(B, H)}, W_x (H, D) = {(H, D)}, "
+              f"W_h (H, H) = {(H, H)}, b (H,) = {(H,)}; with row vectors, W_x x_t is "
+              "x_t @ W_x.T and W_h h_{t-1} is h_prev @ W_h.T")
+    h_t = expect_tensor(_call(fn, (x_t, h_prev, W_x, W_h, b), "rnn_cell(...)", shapes),
+                        "rnn_cell(...)")
     expect_shape(h_t, (B, H), "rnn_cell(...)", "one new state per batch row, (B, H)")
     pre = x_t @ W_x.T + h_prev @ W_h.T + b  # (B, H)
     expect(not is_close(h_t, pre), "h_t equals the pre-activation W_x x_t + W_h h_{t-1} + b: "
@@ -77,7 +90,10 @@ def rnn_unroll(fn: Callable) -> None:
     x, h0 = _randn(B, L, D, seed=10), _randn(B, H, seed=11, scale=0.8)
     W_x, W_h, b = _weights(seed=12)
     rnn = _torch_rnn(W_x, W_h, b)
-    states = expect_tensor(fn(x, W_x, W_h, b, h0), "rnn_unroll(x, W_x, W_h, b, h0)")
+    states = expect_tensor(_call(fn, (x, W_x, W_h, b, h0), "rnn_unroll(x, W_x, W_h, b, h0)",
+                                 f"x is (B, L, D) = {(B, L, D)} and h0 is (B, H) = {(B, H)}: "
+                                 "step t reads x[:, t], of shape (B, D), and the previous state "
+                                 "(B, H)"), "rnn_unroll(x, W_x, W_h, b, h0)")
     expect(tuple(states.shape) != (B, H), "returned only the last state (B, H): return every "
            "state h_1 .. h_L, stacked into (B, L, H)")
     expect(tuple(states.shape) != (L, B, H), "states stacked along the wrong axis: got (L, B, H), "
@@ -94,7 +110,10 @@ def rnn_unroll(fn: Callable) -> None:
                  "h_1 = tanh(x_1 @ W_x.T + h0 @ W_h.T + b)")
     expect_close(states, expected, "rnn_unroll(...)", "the states from the second on are wrong: "
                  "is the state of step t passed to step t + 1?")
-    zeros = expect_tensor(fn(x, W_x, W_h, b), "rnn_unroll(x, W_x, W_h, b)")
+    zeros = expect_tensor(_call(fn, (x, W_x, W_h, b), "rnn_unroll(x, W_x, W_h, b)",
+                                "with h0=None, start from zeros of shape (B, H) on x's device "
+                                "and in x's dtype (the inputs here are float64): "
+                                "x.new_zeros(B, H)"), "rnn_unroll(x, W_x, W_h, b)")
     expect_close(zeros, rnn(x)[0], "rnn_unroll(x, W_x, W_h, b) with h0=None",
                  "when h0 is None start from zeros (B, H), on x's device and in x's dtype")
     _expect_dtype(states, x.dtype, "rnn_unroll(...)")
@@ -117,7 +136,12 @@ def gradient_norms(fn: Callable) -> None:
     W_x, W_h, b = _weights(seed=21)
     states = _torch_rnn(W_x, W_h, b)(x)[0].detach()  # (B, L, H)
     expected = _autograd_norms(x, W_x, W_h, b)  # (B, L)
-    norms = expect_tensor(fn(states, W_x, W_h), "gradient_norms(states, W_x, W_h)")
+    norms = expect_tensor(_call(fn, (states, W_x, W_h), "gradient_norms(states, W_x, W_h)",
+                                f"shapes: states (B, L, H) = {(B, L, H)}, W_x (H, D) = {(H, D)}, "
+                                f"W_h (H, H) = {(H, H)}; G is (B, H, H), G D_t is "
+                                "G * d[:, None, :] with d = 1 - states[:, t]**2 of shape (B, H), "
+                                "and G D_t W_x is (B, H, D)"),
+                          "gradient_norms(states, W_x, W_h)")
     expect(tuple(norms.shape) != (L,), "got one norm per step (L,): keep the batch, one norm "
            "per sequence and step, (B, L)")
     expect_shape(norms, (B, L), "gradient_norms(...)", "one norm per sequence and input step")
@@ -140,7 +164,11 @@ def context_vector(fn: Callable) -> None:
     states = _randn(B, L, H, seed=30)
     lengths = torch.tensor([L, 2, 1], device=states.device)
     expected = torch.stack([states[i, int(n) - 1] for i, n in enumerate(lengths)])  # (B, H)
-    context = expect_tensor(fn(states, lengths), "context_vector(states, lengths)")
+    context = expect_tensor(_call(fn, (states, lengths), "context_vector(states, lengths)",
+                                  f"states is (B, L, H) = {(B, L, H)} and lengths = "
+                                  f"{lengths.tolist()}: a length of L = {L} is a valid length, "
+                                  "but L is not a valid index; the last real token of sequence i "
+                                  "is at index lengths[i] - 1"), "context_vector(states, lengths)")
     expect_shape(context, (B, H), "context_vector(...)", "one vector per sequence, (B, H)")
     expect(not is_close(context, states[:, -1]), "you took states[:, -1], the state after the "
            "padding: the last real token of sequence i is at index lengths[i] - 1")

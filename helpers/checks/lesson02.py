@@ -31,6 +31,14 @@ def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
            "of the input): did you convert with .float() or create a tensor without dtype=?")
 
 
+def _call(fn: Callable, args: tuple, name: str, hint: str, **kwargs: object) -> object:
+    """``fn(*args, **kwargs)``, turning a shape error inside it into a check that says why."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as error:
+        raise CheckFailed(f"{name} raised RuntimeError: {error}\n{hint}") from error
+
+
 def _expect_finite(value: torch.Tensor, message: str) -> None:
     expect(bool(torch.isfinite(value).all()), message)
 
@@ -38,7 +46,10 @@ def _expect_finite(value: torch.Tensor, message: str) -> None:
 def dot_scores(fn: Callable) -> None:
     """Check ``dot_scores(q, k)`` -> (B, H, L, S) raw scores q_i · k_j."""
     q, k = _randn(B, H, L, D, seed=0), _randn(B, H, S, D, seed=1)
-    scores = expect_tensor(fn(q, k), "dot_scores(q, k)")
+    scores = expect_tensor(_call(fn, (q, k), "dot_scores(q, k)",
+                                 f"q is (B, H, L, D) = {(B, H, L, D)} and k is (B, H, S, D) = "
+                                 f"{(B, H, S, D)}: transpose only the last two dims of k, "
+                                 "k.transpose(-2, -1) (k.T reverses all four)"), "dot_scores(q, k)")
     expect_shape(scores, (B, H, L, S), "dot_scores(q, k)",
                  "q (B, H, L, D) times k transposed on its last two dims, k.transpose(-2, -1)")
     expected = torch.einsum("bhld,bhsd->bhls", q, k)  # (B, H, L, S)
@@ -51,15 +62,23 @@ def dot_scores(fn: Callable) -> None:
         fn(q, _randn(B, H, S, D + 1, seed=2))
     except ValueError:
         pass
+    except Exception as error:
+        raise CheckFailed(f"q with D={D} and k with D={D + 1} raised {type(error).__name__}, "
+                          "not ValueError: compare q.shape[-1] with k.shape[-1] before the "
+                          "product and raise ValueError naming both shapes") from error
     else:
-        raise CheckFailed("q with D=8 and k with D=9 should raise a ValueError naming both shapes")
+        raise CheckFailed(f"q with D={D} and k with D={D + 1} should raise a ValueError naming "
+                          "both shapes")
     passed("dot_scores")
 
 
 def stable_softmax(fn: Callable) -> None:
     """Check ``stable_softmax(x, dim=-1)``: sums to 1, matches torch, survives large and -inf."""
     x = _randn(B, H, L, S, seed=3)
-    weights = expect_tensor(fn(x), "stable_softmax(x)")
+    weights = expect_tensor(_call(fn, (x,), "stable_softmax(x)",
+                                  f"x is {tuple(x.shape)}: take the max and the sum with "
+                                  "keepdim=True, so that they broadcast against x"),
+                            "stable_softmax(x)")
     expect_shape(weights, x.shape, "stable_softmax(x)", "softmax keeps the shape of its input")
     expect(is_close(weights.sum(dim=-1), torch.ones(B, H, L, dtype=x.dtype)),
            "weights do not sum to 1 over the keys (the last dim): softmax over the wrong axis?")
@@ -95,11 +114,16 @@ def stable_softmax(fn: Callable) -> None:
 def attention(fn: Callable) -> None:
     """Check ``attention(q, k, v, mask=None, scale=None)`` against PyTorch's SDPA."""
     q, k, v = _randn(B, H, L, D, seed=6), _randn(B, H, S, D, seed=7), _randn(B, H, S, DV, seed=8)
-    result = fn(q, k, v)
+    result = _call(fn, (q, k, v), "attention(q, k, v)",
+                   f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H, S, D) = {(B, H, S, D)}, v is "
+                   f"(B, H, S, Dv) = {(B, H, S, DV)}: scores = q @ k.transpose(-2, -1) is "
+                   "(B, H, L, S), out = weights @ v is (B, H, L, Dv)")
     expect(isinstance(result, tuple) and len(result) == 2,
            f"attention should return a tuple (out, weights), got {type(result).__name__}: "
            "end with `return out, weights`")
-    out, weights = result
+    out, weights = expect_tensor(result[0], "out"), expect_tensor(result[1], "weights")
+    expect(not (tuple(out.shape) == (B, H, L, S) and tuple(weights.shape) == (B, H, L, DV)),
+           "the tuple is (weights, out): return out first, `return out, weights`")
     expect_shape(weights, (B, H, L, S), "weights", "one weight per query and key, (B, H, L, S)")
     expect_shape(out, (B, H, L, DV), "out", "weights (B, H, L, S) @ v (B, H, S, Dv)")
     expect(is_close(weights.sum(dim=-1), torch.ones(B, H, L, dtype=q.dtype)),

@@ -106,6 +106,9 @@ def param_count(mha_param_count: Callable[..., int]) -> None:
             raise CheckFailed("you counted q, k and v but not the output projection W^O")
         if bias and count == 4 * d_model * d_model:
             raise CheckFailed("with bias=True each of the 4 projections has d_model biases")
+        if not bias and count == 4 * d_model * d_model + 4 * d_model:
+            raise CheckFailed("with bias=False there are no bias vectors: count the 4 weight "
+                              "matrices only")
         expect(count == torch_count, f"mha_param_count({d_model}, {n_heads}, bias={bias}) = "
                f"{count}, nn.MultiheadAttention has {torch_count} parameters")
     count = mha_param_count(32, 4, bias=True, kdim=16, vdim=8)
@@ -129,6 +132,9 @@ def load_torch_mha(load_torch_mha: Callable[[nn.Module, nn.MultiheadAttention], 
     w_q, w_k, w_v = theirs.in_proj_weight.chunk(3)
     if torch.equal(ours.q_proj.weight, w_q) and torch.equal(ours.k_proj.weight, w_v):
         raise CheckFailed("k and v are swapped: in_proj_weight stacks W^Q, W^K, W^V in that order")
+    if torch.equal(ours.q_proj.weight, w_q.T):
+        raise CheckFailed("q_proj.weight is transposed: both modules store weights as (out, in), "
+                          "so copy the (d_model, d_model) blocks of in_proj_weight as they are")
     expect_close(ours.q_proj.weight, w_q, "q_proj.weight",
                  "in_proj_weight is (3*d_model, d_model): the first d_model rows are W^Q")
     expect_close(ours.k_proj.weight, w_k, "k_proj.weight", "rows d_model .. 2*d_model are W^K")

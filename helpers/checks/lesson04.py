@@ -91,6 +91,14 @@ def cross_attention(cross_attention: Callable[..., torch.Tensor]) -> None:
         out = cross_attention(attn, x, context)
     expect_shape(out, (B, L, d_model), "cross_attention(attn, x, context)",
                  "one output per query (x has L positions), of width d_model")
+    with torch.no_grad():
+        q = ref.split_heads(attn.q_proj(x), n_heads)  # (B, H, L, D)
+        k = ref.split_heads(attn.k_proj(context), n_heads)  # (B, H, S, D)
+        v = ref.split_heads(attn.v_proj(context), n_heads)  # (B, H, S, D)
+        merged = ref.merge_heads(ref.scaled_dot_product_attention(q, k, v)[0])  # (B, L, d)
+    if is_close(out, merged):
+        raise CheckFailed("the output is the merged heads: apply attn.out_proj (W^O) after "
+                          "merging")
     square = torch.randn(B, S, d_model)
     with torch.no_grad():
         from_x = _cross_oracle(theirs, square, square, None)  # what attending to x gives
@@ -144,8 +152,16 @@ def gradient_dependence(gradient_dependence: Callable[[nn.Module, torch.Tensor],
     if is_close(dependence, expected.T):
         raise CheckFailed("the matrix is transposed: row i is output position i, column j "
                           "input position j")
-    expect(x.grad is None, "leave the caller's x alone: differentiate a detached copy "
+    expect(x.grad is None and not x.requires_grad, "leave the caller's x alone (it now "
+           "requires or holds a gradient): differentiate a detached copy "
            "(x.detach().requires_grad_())")
+    if torch.equal(dependence, dependence[:1].expand_as(dependence)):
+        raise CheckFailed("every row is the same, unlike the reference: you differentiated the "
+                          "whole output at once; take the gradient of out[:, i].sum(), one "
+                          "output position i at a time (retain_graph=True)")
+    if is_close(dependence, expected.pow(2)):
+        raise CheckFailed("you returned squared norms: take the square root (the L2 norm over "
+                          "batch and features)")
     expect_close(dependence, expected, "gradient_dependence on a causal model",
                  "entry [i, j] is the norm of the gradient of out[:, i].sum() with respect "
                  "to x[:, j] (over batch and features)")

@@ -89,8 +89,10 @@ def transformer_block(block_class: type[nn.Module]) -> None:
         try:
             ref.load_state_dict(block.state_dict())
         except RuntimeError as error:
-            raise CheckFailed(f"the block's parameters do not fit the reference: {error}"
-                              ) from None
+            raise CheckFailed(f"the block's parameters do not fit the reference: {error}; "
+                              "check the sizes: mlp = Linear(d_model, d_ff), GELU, "
+                              "Linear(d_ff, d_model), with d_ff = 4 * d_model only when the "
+                              "argument d_ff is None") from None
         x = torch.randn(B, L, d_model)
         lengths = torch.tensor([L, L - 3])
         for mask in (None, attention.padding_mask(lengths, L)):
@@ -163,8 +165,12 @@ def mlm_masking(mask_tokens: Callable) -> None:
            "mask_tokens should return a pair (inputs, labels)")
     inputs, labels = (expect_tensor(value, name) for value, name in zip(result, ("inputs",
                                                                                  "labels")))
-    expect_shape(inputs, tokens.shape, "inputs")
-    expect_shape(labels, tokens.shape, "labels")
+    expect_shape(inputs, tokens.shape, "inputs", "inputs is tokens with some ids replaced, "
+                 "same shape")
+    expect_shape(labels, tokens.shape, "labels", "one label per token, -100 where not chosen")
+    expect(not inputs.is_floating_point() and not labels.is_floating_point(),
+           f"inputs ({inputs.dtype}) and labels ({labels.dtype}) should hold integer token "
+           "ids: build them with torch.where from tokens, not from float random numbers")
     expect(bool((tokens == before).all()), "mask_tokens changed its argument `tokens` in "
            "place: work on a copy (e.g. torch.where or tokens.clone())")
     expect(int((labels == IGNORE_INDEX).sum()) > 0, "no label is -100: the loss must ignore "
@@ -232,6 +238,8 @@ def next_token_loss(loss_fn: Callable) -> None:
             "the next token, not the previous one": ce(logits[:, 1:], tokens[:, :-1]),
             "summed instead of averaged over the B * (L - 1) predictions":
                 ce(logits[:, :-1], tokens[:, 1:], "sum"),
+            "divided by B * L: there are only B * (L - 1) predictions, the last position "
+            "has no next token": ce(logits[:, :-1], tokens[:, 1:], "sum") / (B * L),
             "the sign is wrong: cross-entropy is minus the log-probability of the target":
                 -expected,
             "log of the logits, not of the softmax probabilities: take log_softmax first":

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers.course.lessons import CourseError, find_lessons, find_root
+from helpers.course.lessons import find_lessons, find_root
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args.jupyter_args = extra
     try:
         return args.run(args)
-    except (CourseError, FileNotFoundError) as error:
+    except (FileNotFoundError, RuntimeError) as error:  # CourseError is a RuntimeError
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -179,8 +179,10 @@ importlib.reload(helpers.hidden).lesson("01").context_vector(context_vector)
 # \frac{\partial h_L}{\partial x_t}
 # = \frac{\partial h_L}{\partial h_{L-1}} \cdots \frac{\partial h_{t+1}}{\partial h_t}
 #   \frac{\partial h_t}{\partial x_t}
-# = \left(\prod_{k=L}^{t+1} D_k W_h\right) D_t W_x .
+# = \left(\prod_{k=L}^{t+1} D_k W_h\right) D_t W_x ,
 # $$
+#
+# where the product runs from $k = L$ on the left down to $k = t + 1$ on the right.
 #
 # Every entry of $D_k$ lies in $(0, 1]$, so with $\sigma_{\max}(W_h)$ the largest singular
 # value of $W_h$ (Pascanu, Mikolov and Bengio, 2013, *On the difficulty of training
@@ -188,9 +190,13 @@ importlib.reload(helpers.hidden).lesson("01").context_vector(context_vector)
 #
 # $$
 # \left\lVert \frac{\partial h_L}{\partial x_t} \right\rVert_F
-# \le \prod_{k=t+1}^{L} \lVert D_k \rVert_2 \lVert W_h \rVert_2 \cdot \lVert W_x \rVert_F
-# \le \sigma_{\max}(W_h)^{\,L-t}\, \lVert W_x \rVert_F .
+# \le \prod_{k=t+1}^{L} \lVert D_k \rVert_2 \lVert W_h \rVert_2 \cdot \lVert D_t W_x \rVert_F
+# \le \sigma_{\max}(W_h)^{\,L-t}\, \lVert W_x \rVert_F ,
 # $$
+#
+# using $\lVert AB \rVert_F \le \lVert A \rVert_2 \lVert B \rVert_F$ and
+# $\lVert D_k \rVert_2 \le 1$. Here $\lVert \cdot \rVert_2$ is the largest singular value and
+# $\lVert \cdot \rVert_F$ the Frobenius norm (the square root of the sum of squared entries).
 #
 # If $\sigma_{\max}(W_h) < 1$ the gradient from $k = L - t$ steps back vanishes at least as
 # fast as $\sigma_{\max}^k$; if the largest eigenvalue of $W_h$ is well above 1 it can
@@ -205,7 +211,9 @@ importlib.reload(helpers.hidden).lesson("01").context_vector(context_vector)
 # identity, batched `(B, H, H)`), then $\partial h_L / \partial x_t = G D_t W_x$ and
 # $\partial h_L / \partial h_{t-1} = G D_t W_h$. Multiplying $G$ on the right by the
 # diagonal $D_t$ scales its columns: `G * d[:, None, :]`. `torch.linalg.matrix_norm` gives
-# the Frobenius norm of each matrix of a batch. Return `(B, L)`, entry `t` for input `x_t`.
+# the Frobenius norm of each matrix of a batch. Return `(B, L)`: column `t - 1` (0-based)
+# holds $\lVert \partial h_L / \partial x_t \rVert_F$, so the last column is the last input
+# $x_L$, in the same order as the inputs.
 
 # %% solution id=gradient-norms
 def gradient_norms(states: Tensor, W_x: Tensor, W_h: Tensor) -> Tensor:
@@ -263,20 +271,23 @@ with one_cpu_thread():  # (H, H) matrices are too small to share among CPU threa
         if rho <= 1:
             bounds[label] = rho**distance * torch.linalg.matrix_norm(W_x)
 
-gradient_norm_by_distance(norms, bounds, title=r"gradients vanish or explode exponentially in "
-                          r"$k$ (dashed: bound $\rho^k \|W_x\|_F$)")
+gradient_norm_by_distance(norms, bounds, title=r"gradients vanish (small $\rho$) or explode "
+                          r"(large $\rho$) exponentially in $k$")
 plt.show()
 far = 40
 for label, values in norms.items():
+    ratio = values[far] / values[0]
     print(f"{label}: gradient norm at distance 0 = {values[0]:.3g}, at distance {far} = "
-          f"{values[far]:.3g}, ratio {values[far] / values[0]:.3g}")
+          f"{values[far]:.3g}, ratio {ratio:.3g} ({'vanishes' if ratio < 1 else 'explodes'})")
 
 # %% [markdown]
 # Small $\rho$ makes the gradient vanish geometrically, as the bound says: what the
-# network saw 40 steps ago barely affects the gradient (see the printed ratios). Large
-# $\rho$ makes it explode: a step far back moves the last state more than a recent one,
-# and training takes wild steps. The $\tanh$ derivatives $D_k < 1$ pull towards vanishing
-# even for $\rho > 1$ once the states saturate. Between the two lies a narrow band that
+# network saw `far` steps ago barely affects the gradient (the printed ratios), and each
+# curve stays below its dashed bound. The largest $\rho$ makes it explode: a step far back
+# moves the last state more than a recent one, and training takes wild steps. Compare the
+# two curves with $\rho > 1$: the $\tanh$ derivatives $D_k < 1$ pull towards vanishing, so a
+# $\rho$ only a little above 1 can still vanish (read its verdict in the printout), and only a
+# clearly larger one explodes. Between the two lies a narrow band that
 # training cannot easily stay in; gradient clipping (Pascanu et al., 2013) tames explosion,
 # and gated RNNs (the LSTM of Hochreiter and Schmidhuber, 1997; the GRU of Cho et al.,
 # 2014) slow the vanishing down, but neither removes the fixed-size state.
@@ -303,13 +314,14 @@ for k in distances:
 chance = 1 / vocab_size
 print(f"chance level: {chance:.3f}")
 
-accuracy_by_distance(distances, {f"RNN, H = {hidden_size}, {steps} steps": accuracies},
-                     chance=chance, title="recall accuracy falls with the distance to recall")
+accuracy_by_distance(distances, {f"RNN, H = {hidden_size}, {steps} training steps": accuracies},
+                     chance=chance, title="near tokens are recalled, far ones fall to chance")
 plt.show()
 
 # %% [markdown]
 # Near tokens are recalled almost perfectly; beyond some distance the same model, trained
-# the same way, falls to chance (see the printed accuracies). Two causes work together:
+# the same way, falls to the chance line (compare the printed accuracies with the printed
+# chance level). Two causes work together:
 # the gradient that would teach the network to keep a token for $k$ steps shrinks with $k$
 # (section 4), and $H$ numbers must hold $k$ tokens at once, the same squeeze as the
 # encoder's context vector (section 3).

@@ -67,8 +67,9 @@ print(f"running on {device}")
 # *Effective Approaches to Attention-based Neural Machine Translation*, compared it with
 # *multiplicative* scores, the dot product $q^\top k_j$ and the bilinear $q^\top W k_j$.
 # Vaswani et al. (2017), *Attention Is All You Need*, kept the dot product: for many queries
-# at once it is a single matrix product, which GPUs do faster than anything else, and with
-# the scaling of section 4 it works as well as the additive score.
+# at once it is a single matrix product, which GPUs do faster than anything else. They
+# observed that additive attention did better for large key dimensions $d_k$ unless the dot
+# products are scaled down, which is the $1/\sqrt{d_k}$ of section 4.
 #
 # A three-entry dictionary with orthogonal keys: the first query matches key 1, the second
 # sits halfway between keys 0 and 1.
@@ -170,10 +171,12 @@ print(f"torch.softmax of an all -inf row: {torch.softmax(masked_row, dim=-1).tol
       f" the course's softmax: {reference.softmax(masked_row).tolist()}")
 
 # %% [markdown]
-# **Exercise 2 (3 points).** Write `stable_softmax(x, dim=-1)`: subtract the maximum along
-# `dim`, exponentiate, normalise. A slice that is all $-\infty$ must give zeros, not NaN
-# (hint: where the maximum is $-\infty$, subtract $0$ instead, and never divide by a zero
-# sum). Do not call `torch.softmax` or the course's reference; the grader checks.
+# **Exercise 2 (3 points).** Write `stable_softmax(x, dim=-1)` for `x` of any shape,
+# returning weights of the same shape that sum to 1 along `dim`: subtract the maximum along
+# `dim` (with `keepdim=True`, so that it broadcasts), exponentiate, normalise. A slice that
+# is all $-\infty$ must give zeros, not NaN (hint: where the maximum is $-\infty$, subtract
+# $0$ instead, and never divide by a zero sum). Do not call `torch.softmax` or the course's
+# reference; the grader checks.
 
 # %% solution id=stable-softmax
 def stable_softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -278,13 +281,18 @@ print(f"uniform weights over {N_KEYS} keys would give a max weight of {1 / N_KEY
 print(f"at d_k = {D_KS[-1]} the gradient reaching unscaled scores is "
       f"{gradient_norm[scaled][-1] / gradient_norm[unscaled][-1]:.1f}x smaller than with scaling")
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-curves(D_KS, variance, "d_k", "Var(score)", "unscaled variance grows like d_k; scaled stays 1",
-       ax=axes[0], log_x=True, log_y=True)
-curves(D_KS, max_weight, "d_k", f"mean max weight over {N_KEYS} keys",
+fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+curves(D_KS, variance, "head dimension d_k", "Var(q·k) over random pairs",
+       "unscaled variance grows like d_k; scaled stays 1", ax=axes[0], log_x=True, log_y=True)
+curves(D_KS, max_weight, "head dimension d_k", f"mean largest weight over {N_KEYS} keys",
        "unscaled softmax saturates toward one-hot", ax=axes[1], log_x=True)
-curves(D_KS, gradient_norm, "d_k", "mean ‖gradient reaching the scores‖",
-       "unscaled: the softmax gradient vanishes", ax=axes[2], log_x=True)
+axes[1].axhline(1 / N_KEYS, color="gray", linestyle="--", label=f"uniform: 1/{N_KEYS}")
+axes[1].set_ylim(0, 1.05)
+axes[1].legend()
+curves(D_KS, gradient_norm, "head dimension d_k", "mean ‖Jᵀu‖, gradient at the scores",
+       "unscaled: less gradient reaches the scores", ax=axes[2], log_x=True)
+axes[2].set_ylim(bottom=0)
+fig.suptitle("dividing the scores by √d_k keeps the softmax responsive at every head size")
 fig.tight_layout()
 plt.show()
 
@@ -292,8 +300,9 @@ plt.show()
 # The left panel confirms $\mathrm{Var}(q\cdot k) = d_k$: the unscaled curve has slope one
 # on the log-log axes, the scaled one is flat at $1$. In the middle, unscaled attention puts
 # almost all its weight on a single key once $d_k$ reaches the hundreds (see the table),
-# although the keys are random and none deserves it; with scaling, the largest weight does
-# not depend on $d_k$. On the right, past the first few sizes the gradient through the
+# although the keys are random and none deserves it; with scaling, the largest weight barely
+# moves with $d_k$ (the table's second `scaled` column). On the right, past the first few
+# sizes the gradient through the
 # unscaled softmax shrinks steadily as $d_k$ grows (the last line of the table says by how
 # much at the largest $d_k$): those heads would barely learn. Scaling by $1/\sqrt{d_k}$
 # keeps the softmax in its responsive range at every head size, which is why transformers
@@ -376,8 +385,11 @@ for label, price, row in zip(query_labels, retrieved.tolist(), fruit_weights):
 correct = (fruit_weights[:-1].argmax(dim=-1) == order).float().mean().item()
 print(f"noisy queries that retrieve their own fruit: {correct:.0%}")
 
-attention_heatmap(fruit_weights, x_labels=FRUITS, y_labels=query_labels,
-                  title="each noisy query reads its own fruit; the blend splits its weight")
+key_labels = [f"{fruit} ({price:g})" for fruit, price in zip(FRUITS, prices[:, 0].tolist())]
+ax = attention_heatmap(fruit_weights, x_labels=key_labels, y_labels=query_labels,
+                       title="each noisy query reads its own fruit; the blend splits its weight")
+ax.set_xlabel("key: fruit (its value, the price)")
+ax.set_ylabel("query: the fruit it asks for")
 plt.show()
 
 # %% [markdown]
@@ -422,9 +434,11 @@ importlib.reload(helpers.hidden).lesson("02").attention_entropy(attention_entrop
 
 # %% [markdown]
 # With your `attention_entropy`, back to the random queries of section 4: the mean entropy
-# per query, against the ceiling $\ln S$ of uniform attention, and the entropies of the
-# retrieval heatmap's rows: a clean retrieval is near $0$, while the two-fruit blend, which
-# splits its weight, is high (an even split between exactly two keys gives $\ln 2$).
+# per query, against the ceiling $\ln S$ of uniform attention. Then the entropies of the
+# retrieval heatmap's rows: the clean retrievals are low, and the two-fruit blend, which
+# splits its weight, is the highest of all rows. An even split between exactly two keys
+# would give $\ln 2$; the blend also leaks some weight to the other fruits, which adds to
+# its entropy (compare the printed values).
 
 # %%
 entropy = {name: [attention_entropy(sweep_weights[name][d_k]).mean().item() for d_k in D_KS]
@@ -435,11 +449,15 @@ for name in VARIANTS:
 retrieval_entropy = attention_entropy(fruit_weights)  # (L,)
 print("retrieval rows: " + ", ".join(
     f"{label} {h:.3f}" for label, h in zip(query_labels, retrieval_entropy.tolist())))
-print(f"ln 2 = {math.log(2):.3f}")
+print(f"highest entropy of a clean retrieval: {retrieval_entropy[:-1].max():.3f}; "
+      f"the blend: {retrieval_entropy[-1]:.3f}; an even split of two keys: ln 2 = "
+      f"{math.log(2):.3f}")
 
-ax = curves(D_KS, entropy, "d_k", "mean entropy (nats)",
+ax = curves(D_KS, entropy, "head dimension d_k", "mean entropy per query (nats)",
             "unscaled attention collapses (entropy → 0); scaled does not", log_x=True)
-ax.axhline(math.log(N_KEYS), color="gray", linestyle="--", label=f"ln {N_KEYS}: uniform")
+ax.axhline(math.log(N_KEYS), color="gray", linestyle="--",
+           label=f"ln {N_KEYS}: uniform over {N_KEYS} keys")
+ax.set_ylim(bottom=0)
 ax.legend()
 plt.show()
 

@@ -180,7 +180,8 @@ importlib.reload(helpers.hidden).lesson("03").mha_forward(MultiHeadAttention)
 # %% solution id=param-count
 def mha_param_count(d_model: int, n_heads: int, bias: bool = True, kdim: int | None = None,
                     vdim: int | None = None) -> int:
-    """Number of parameters of multi-head attention; keys/values come from width kdim/vdim."""
+    """Number of parameters (a Python int) of multi-head attention; keys and values are
+    projected from inputs of width kdim and vdim (d_model when None)."""
     ### BEGIN SOLUTION
     kdim = d_model if kdim is None else kdim
     vdim = d_model if vdim is None else vdim
@@ -274,15 +275,22 @@ print(f"largest difference from nn.MultiheadAttention: {difference:.2e}")
 # Look At? An Analysis of BERT's Attention*), and also that many heads can be removed at
 # little cost (Michel et al., 2019, *Are Sixteen Heads Really Better than One?*).
 #
-# A task where specialisation is forced: at each position, name both the **previous token**
-# and the **first token** of the sequence. A single softmax that splits its weight between
-# two positions returns a blend of two value vectors, from which the two tokens cannot be
-# told apart; two heads, each looking at one position, solve it. The model is the smallest
-# that can: token and position embeddings, one causal multi-head attention layer (the
-# course's reference), and a linear readout that predicts the two tokens.
+# A task where specialisation pays: at each position, name both the **previous token** and
+# the **first token** of the sequence. One softmax that splits its weight between the two
+# positions returns a blend of two value vectors, and with equal weights the blend
+# $\tfrac12(v_a + v_b)$ is the same whether $a$ came first and $b$ previous or the other way
+# round: a single head must weigh the two positions unequally and untangle both tokens from
+# one mixed vector. Two heads, each looking at one position, keep the lookups apart.
+#
+# The model is the smallest that can: token and position embeddings, one causal multi-head
+# attention layer (the course's reference), and a linear readout that predicts the two
+# tokens. We train it with `N_HEADS` heads and, for comparison, with a single head of the
+# same width, which has exactly as many parameters (the count above does not depend on
+# $h$), on the same number of batches.
 
 # %%
 VOCAB, LENGTH, D_MODEL, N_HEADS = 16, 12, 32, 4
+generator = seed_everything(0)  # the hidden tests above drew random seeds: start afresh
 
 
 class LookupModel(nn.Module):
@@ -316,24 +324,40 @@ def lookup_accuracy(model: nn.Module, tokens: torch.Tensor, targets: torch.Tenso
     return float(accuracy[0]), float(accuracy[1])
 
 
-model = LookupModel(VOCAB, LENGTH, D_MODEL, N_HEADS).to(device)
-optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+def train_lookup(n_heads: int, steps: int) -> nn.Module:
+    """A LookupModel with n_heads heads after `steps` Adam steps on fresh batches of 32."""
+    model = LookupModel(VOCAB, LENGTH, D_MODEL, n_heads).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        tokens, targets = previous_and_first_token_task(32, LENGTH, VOCAB, generator, device)
+        logits, _ = model(tokens)  # (B, L, 2, VOCAB)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
 steps = 30 if is_autograding() else 120
-for step in range(steps):
-    tokens, targets = previous_and_first_token_task(32, LENGTH, VOCAB, generator, device)
-    logits, _ = model(tokens)
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+model = train_lookup(N_HEADS, steps)
 test_tokens, test_targets = previous_and_first_token_task(512, LENGTH, VOCAB, generator, device)
-previous_accuracy, first_accuracy = lookup_accuracy(model, test_tokens, test_targets)
-print(f"after {steps} steps: loss {loss.item():.3f}, accuracy previous token "
-      f"{previous_accuracy:.1%}, first token {first_accuracy:.1%}")
+one_head = train_lookup(1, steps)
+print(f"after {steps} steps, accuracy on {len(test_tokens)} test sequences "
+      f"(chance level {1 / VOCAB:.1%}):")
+for name, trained in ((f"{N_HEADS} heads", model), ("1 head", one_head)):
+    n_params = sum(p.numel() for p in trained.parameters())
+    previous_acc, first_acc = lookup_accuracy(trained, test_tokens, test_targets)
+    print(f"  {name:8s} ({n_params:,} parameters): previous token {previous_acc:6.1%}, "
+          f"first token {first_acc:6.1%}")
 
 # %% [markdown]
-# Each head's attention, averaged over the test batch. A "previous token" head lights up
-# the diagonal just below the main one; a "first token" head lights up the first column.
+# With as many parameters and the same training, the single head is left behind: splitting
+# one softmax between two lookups is hard, giving each lookup its own head is easy.
+#
+# Where does each of the `N_HEADS` heads look? Their attention, averaged over the test
+# batch: a "previous token" head lights up the diagonal just below the main one, a "first
+# token" head the first column. (Query 0 can only see itself, so every head's first row is
+# the same.)
 
 # %%
 with torch.no_grad():
@@ -343,7 +367,7 @@ previous_weight = average.diagonal(offset=-1, dim1=1, dim2=2)[:, 1:].mean(dim=-1
 first_weight = average[:, 2:, 0].mean(dim=-1)  # (H,)
 titles = [f"head {h}: prev {float(p):.2f}, first {float(f):.2f}"
           for h, (p, f) in enumerate(zip(previous_weight, first_weight))]
-head_patterns(average, head_titles=titles,
+head_patterns(average, head_titles=titles, xlabel="key position", ylabel="query position",
               title="each head learned one lookup: one step back (sub-diagonal) "
                     "or the first token (first column)")
 plt.show()
@@ -355,24 +379,27 @@ for h in range(N_HEADS):
 # Which heads matter? Following Michel et al. (2019), remove one head at a time and measure
 # the accuracy again. A head is removed by zeroing its $d_k$ columns of $W^O$: after
 # `merge_heads`, head $h$ occupies features $h d_k \dots (h+1) d_k$, and those are exactly
-# the columns of `out_proj.weight` that read it. Compare removing one head of a role (the
-# other heads of that role still carry part of the answer) with removing all of them: that
-# lookup falls toward chance level (one guess in `VOCAB`, printed first) while the other
-# lookup is untouched.
+# the columns of `out_proj.weight` that read it. Removing a single head costs anything from
+# nothing to a large part of its lookup, depending on how much of that lookup it carries;
+# removing every head of a role drops that lookup toward chance level (one guess in
+# `VOCAB`) and leaves the other lookup untouched.
 
 # %%
-print(f"chance level: {1 / VOCAB:.1%}")
 head_dim = D_MODEL // N_HEADS
 roles = ["previous" if p > f else "first" for p, f in zip(previous_weight, first_weight)]
 by_role = [[h for h in range(N_HEADS) if roles[h] == role] for role in ("previous", "first")]
-for removed in [[h] for h in range(N_HEADS)] + [heads for heads in by_role if heads]:
+print(f"chance level {1 / VOCAB:.1%}; accuracy on (previous token, first token):")
+previous_acc, first_acc = lookup_accuracy(model, test_tokens, test_targets)
+print(f"  {'all heads kept':36s} {previous_acc:6.1%}  {first_acc:6.1%}")
+for removed in [[h] for h in range(N_HEADS)] + [heads for heads in by_role if len(heads) > 1]:
     ablated = copy.deepcopy(model)
     with torch.no_grad():
         for h in removed:
             ablated.attention.out_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
     previous_acc, first_acc = lookup_accuracy(ablated, test_tokens, test_targets)
-    print(f"without heads {removed} ({', '.join(roles[h] for h in removed)}): accuracy "
-          f"previous token {previous_acc:.1%}, first token {first_acc:.1%}")
+    name = (f"without head {removed[0]} ({roles[removed[0]]})" if len(removed) == 1
+            else f"without heads {removed} (all {roles[removed[0]]})")
+    print(f"  {name:36s} {previous_acc:6.1%}  {first_acc:6.1%}")
 
 # %% [markdown]
 # ## What's next

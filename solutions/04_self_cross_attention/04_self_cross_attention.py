@@ -49,8 +49,8 @@ print(f"running on {device}")
 # softmax: scores where attention is not allowed become $-\infty$, so their weights are 0,
 #
 # $$\text{Attention}(Q, K, V) = \text{softmax}\!\left(\frac{QK^\top}{\sqrt{d_k}} +
-#   B\right) V, \qquad B_{ij} = \begin{cases} 0 & M_{ij} \\ -\infty & \text{otherwise.}
-#   \end{cases}$$
+#   \Delta\right) V, \qquad \Delta_{ij} = \begin{cases} 0 & \text{if } M_{ij} \\ -\infty &
+#   \text{otherwise.} \end{cases}$$
 #
 # The course's convention is PyTorch's `scaled_dot_product_attention`'s: `True` means
 # *attend*. A causal mask allows query $i$ to see key $j$ when $j \le i$: the lower
@@ -150,8 +150,8 @@ print(f"with mask (wrong!):  largest difference {(ours_out - forgotten).abs().ma
 #   {\sqrt{d_k}}\right) E W^V \quad \in \mathbb{R}^{L \times d},$$
 #
 # an $L \times S$ weight matrix: row $i$ says where target word $i$ looks in the source.
-# Bahdanau et al. (2015) introduced exactly this, with an additive score, as the
-# "alignment" of a translation model; no causal mask is needed (the whole source is known),
+# Bahdanau et al. (2015) introduced this as the "alignment" of a translation model (with an
+# additive score, a small MLP, instead of the scaled dot product); no causal mask is needed (the whole source is known),
 # but the source's padding must be masked.
 #
 # Write it with the projections of a course `MultiHeadAttention` (`attn.q_proj`,
@@ -255,13 +255,15 @@ def jacobian_dependence(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return full.pow(2).sum(dim=(1, 3)).sqrt()  # (L, L)
 
 
+generator = seed_everything(0)  # the hidden tests above drew random seeds: start afresh
 x = torch.randn(2, 8, 16, device=device)
-figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
 for ax, rule in zip(axes, ["bidirectional", "causal", "off-by-one (bug)"]):
     dependence = jacobian_dependence(SelfAttentionLayer(16, 2, rule).to(device), x)
     leak = dependence.triu(diagonal=1).max()
     print(f"{rule:16s}: largest gradient from a future input {leak:.2e}")
-    attention_heatmap(dependence, ax=ax, title=f"{rule}: future leak {leak:.1e}")
+    attention_heatmap(dependence, ax=ax, title=f"{rule}: largest future gradient {leak:.1e}",
+                      value_label="gradient norm $G_{ij}$")
     ax.set_xlabel("input position j")
     ax.set_ylabel("output position i")
 figure.suptitle("gradient norm of output i w.r.t. input j: causal means zero above the diagonal")
@@ -269,7 +271,7 @@ plt.show()
 
 # %% [markdown]
 # The bidirectional layer depends on everything, the causal one only on the past, and the
-# off-by-one bug shows up as one bright diagonal above the main one: a model trained with
+# off-by-one bug shows up as one lit diagonal just above the main one: a model trained with
 # it would learn to copy the next token instead of predicting it.
 #
 # ## Experiment: a toy translation and its alignment
@@ -285,6 +287,7 @@ plt.show()
 
 # %%
 VOCAB, MIN_LENGTH, MAX_LENGTH, D_MODEL, N_HEADS = 20, 4, 10, 64, 4
+generator = seed_everything(0)  # a fresh start, whatever the cells above drew
 
 
 class TinyTranslator(nn.Module):
@@ -348,19 +351,33 @@ print(f"after {steps} steps: loss {loss.item():.3f}, word accuracy {word_accurac
       f"cross-attention points at the aligned source word {alignment_accuracy:.1%} of the time")
 
 # %% [markdown]
-# The cross-attention of one sentence, averaged over the heads. Each target word should
-# look at the source word it translates: the swap of neighbours shows as a staircase of
-# off-diagonal pairs, and the padded source positions get no weight at all.
+# The cross-attention of one sentence of 7 words, averaged over the heads. To read it, the
+# word ids get names: source id $w$ is an English noun and its translation a French one
+# (the dictionary is read off the data). Each target word should look at the source word it
+# translates: the swap of neighbours shows as a staircase of $2 \times 2$ crosses, the odd
+# last word has no partner and stays in place, and the padded source positions get no
+# weight at all (the mask sets it to exactly 0, printed below).
 
 # %%
-n = int(lengths[0])
-source_words = [str(int(w)) for w in source[0]]
-target_words = [str(int(w)) for w in target[0, :n]]
-ax = attention_heatmap(weights[0].mean(dim=0)[:n], x_labels=source_words, y_labels=target_words,
+ENGLISH = ["<pad>", "<bos>", "cat", "dog", "house", "car", "tree", "river", "book", "city",
+           "bird", "door", "sun", "moon", "fish", "bread", "water", "apple", "horse", "road"]
+FRENCH = ["<pad>", "<bos>", "chat", "chien", "maison", "voiture", "arbre", "rivière", "livre",
+          "ville", "oiseau", "porte", "soleil", "lune", "poisson", "pain", "eau", "pomme",
+          "cheval", "route"]
+meaning = torch.zeros(VOCAB, dtype=torch.long, device=device)  # target id -> source id
+meaning[target[scored]] = source.gather(1, alignment.clamp(min=0))[scored]
+example = int(torch.nonzero(lengths == 7)[0])  # the first test sentence of 7 words
+n = int(lengths[example])
+source_words = [ENGLISH[int(w)] for w in source[example]]
+target_words = [FRENCH[int(meaning[w])] for w in target[example, :n]]
+ax = attention_heatmap(weights[example].mean(dim=0)[:n], x_labels=source_words,
+                       y_labels=target_words,
                        title="cross-attention: each target word reads its swapped source word")
-ax.set_xlabel(f"source word (the last {MAX_LENGTH - n} are padding)")
-ax.set_ylabel("target word")
+ax.set_xlabel(f"source word ({n} words, then {MAX_LENGTH - n} padding)")
+ax.set_ylabel("target word (decoder query)")
 plt.show()
+on_padding = (weights * ~ref.padding_mask(lengths, MAX_LENGTH)).sum(dim=-1)  # (B, H, L)
+print(f"largest total weight a target word puts on source padding: {on_padding.max():.1e}")
 
 # %% [markdown]
 # ## What's next

@@ -3,7 +3,7 @@
 #
 # Lesson 04 built the three kinds of attention: bidirectional self-attention, causal
 # self-attention and cross-attention. On their own they are one layer. Every large language
-# model of the last years is a *stack* of **transformer blocks** (Vaswani et al., 2017,
+# model of recent years is a *stack* of **transformer blocks** (Vaswani et al., 2017,
 # "Attention Is All You Need"), and the three famous families differ mainly in which
 # attention their blocks use and what they are trained to predict:
 #
@@ -93,20 +93,32 @@ def last_layer_gradient(norm_first: bool, n_layers: int, d_model: int = 32) -> f
 depths = [1, 2, 4, 8, 16]
 gradients = {name: [last_layer_gradient(norm_first, n) for n in depths]
              for name, norm_first in (("pre-LN (GPT-2)", True), ("post-LN (2017, BERT)", False))}
-plotting.curves(depths, gradients, xlabel="number of blocks N",
-                ylabel="|gradient| of the last block's W2",
-                title="Post-LN: last-layer gradient does not shrink with depth", log_x=True,
-                log_y=True)
+pre_ln = gradients["pre-LN (GPT-2)"]
+ax = plotting.curves(depths, gradients, xlabel="number of blocks N",
+                     ylabel="‖∂loss/∂W2‖ of the last block",
+                     title="Pre-LN: last-layer gradient shrinks roughly like 1/√N;\n"
+                           "post-LN: it does not",
+                     log_x=True, log_y=True)
+ax.plot(depths, [pre_ln[0] / math.sqrt(n) for n in depths], linestyle="--", color="grey",
+        label="∝ 1/√N (Xiong et al., 2020)")
+ax.set_xticks(depths, [str(n) for n in depths])
+ax.yaxis.set_major_locator(plt.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.2f"))
+ax.yaxis.set_minor_formatter(plt.NullFormatter())
+ax.legend()
 plt.show()
 for name, values in gradients.items():
     print(f"{name}: gradient with {depths[-1]} blocks / with 1 block = "
           f"{values[-1] / values[0]:.2f}")
+print(f"1/sqrt({depths[-1]}) = {1 / math.sqrt(depths[-1]):.2f}")
 
 # %% [markdown]
 # ### Exercise 1: a pre-LN transformer block (3 points)
 #
-# Write `TransformerBlock`, the pre-LN block above. Keep the names of its parts, so that
-# its weights can be loaded into other implementations: `norm1` and `norm2`
+# Write `TransformerBlock`, the pre-LN block above: `block(x, mask)` maps `x` (B, L,
+# `d_model`) to a tensor of the same shape; `mask`, when given, is boolean and broadcasts
+# to the scores' shape (B, H, L, L), e.g. a padding mask (B, 1, 1, L). Keep the names of
+# its parts, so that its weights can be loaded into other implementations: `norm1` and `norm2`
 # (`nn.LayerNorm(d_model)`), `attn` (the course's `MultiHeadAttention(d_model, n_heads)`
 # from lesson 03, called as `self.attn(h, mask=mask)`), and
 # `mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))` with
@@ -174,9 +186,10 @@ importlib.reload(helpers.hidden).lesson("05").transformer_block(TransformerBlock
 # ### Exercise 2: MLM masking (3 points)
 #
 # Write `mask_tokens(tokens, mask_id, vocab_size, p, generator, special_ids)`, returning
-# `(inputs, labels)`. Choose each token whose id is not in `special_ids` with probability
-# `p`; apply the 80/10/10 rule (random tokens uniform in `0 .. vocab_size - 1`); labels are
-# the original token where chosen and `-100` elsewhere. Draw every random number with
+# `(inputs, labels)`: `tokens` is an integer tensor of any shape, `inputs` has its shape
+# and dtype, `labels` its shape (int64). Choose each token whose id is not in `special_ids`
+# with probability `p`; apply the 80/10/10 rule (random tokens uniform in
+# `0 .. vocab_size - 1`); labels are the original token where chosen and `-100` elsewhere. Draw every random number with
 # `generator=generator` (pass `device=generator.device` when it is given, then move to
 # `tokens.device`), so that one seed gives one corruption, and do not modify `tokens` in
 # place. Do not call `helpers.tasks.mask_tokens`.
@@ -218,8 +231,11 @@ importlib.reload(helpers.hidden).lesson("05").mlm_masking(mask_tokens)
 # appears twice, at mirrored positions, so a masked symbol can be read off its partner,
 # which lies to its *right* for the first half and to its *left* for the second. The
 # course's reference `BertEncoder` (post-LN, as the original) with its MLM head is trained
-# below with `helpers.tasks.mask_tokens`, the reference of your exercise. Here is one
-# training example before and after masking:
+# below with `helpers.tasks.mask_tokens`, the reference of your exercise. Its loss cannot
+# reach zero: a symbol's mirror partner is chosen too with probability $p = 0.15$, and is
+# then hidden or replaced 90% of the time, so the symbol can only be guessed
+# ($\ln 8$ nats). That puts a rough floor of $p \times 0.9 \times \ln 8$ under the loss. Here is
+# one training example before and after masking:
 
 # %%
 bert_vocab = ToyVocab(n_symbols=8)
@@ -253,7 +269,9 @@ def train(model: nn.Module, batch_loss, steps: int, lr: float) -> list[float]:
     return losses
 
 
-def plot_learning_curve(losses: list[float], title: str, baselines: dict[str, float]) -> None:
+def plot_learning_curve(losses: list[float], title: str, baselines: dict[str, float],
+                        legend_at: tuple[str, tuple[float, float]] = ("upper right", (1, 0.88))
+                        ) -> None:
     """The loss averaged over windows of 10 steps, with dashed reference levels."""
     window = 10
     means = [sum(losses[i:i + window]) / len(losses[i:i + window])
@@ -262,7 +280,7 @@ def plot_learning_curve(losses: list[float], title: str, baselines: dict[str, fl
                          xlabel="training step", ylabel="cross-entropy (nats)", title=title)
     for (label, level), color in zip(baselines.items(), ("grey", "green")):
         ax.axhline(level, linestyle="--", color=color, label=label)
-    ax.legend()
+    ax.legend(loc=legend_at[0], bbox_to_anchor=legend_at[1], fontsize="small")
     plt.show()
 
 # %%
@@ -280,14 +298,23 @@ def bert_loss(model: BertEncoder) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+P_MLM = 0.15  # the default p of mask_tokens
+bert_floor = P_MLM * 0.9 * math.log(bert_vocab.n_symbols)
+print(f"rough floor: p x 0.9 x ln({bert_vocab.n_symbols}) = {P_MLM} x 0.9 x "
+      f"{math.log(bert_vocab.n_symbols):.3f} = {bert_floor:.3f} nats")
 bert_losses = train(bert, bert_loss, steps=60 if SHORT else 600, lr=3e-3)
-plot_learning_curve(bert_losses, "BERT: the loss drops once attention finds the mirror position",
-                    {"guessing a symbol: ln(8)": math.log(bert_vocab.n_symbols)})
+plot_learning_curve(bert_losses, "BERT: a slow decline, then a sudden drop\n"
+                    "when attention finds the mirror position",
+                    {"guessing: ln(8)": math.log(bert_vocab.n_symbols),
+                     "rough floor": bert_floor}, legend_at=("center right", (1, 0.5)))
 
 # %% [markdown]
 # Does the encoder use context on *both* sides? Mask one symbol per palindrome with
 # `<mask>` and measure how often it is recovered, separately for the first half (the
-# partner is to the right) and the second half (the partner is to the left):
+# partner is to the right) and the second half (the partner is to the left). A causal
+# model, which reads only to the left, could at best recover the second half. Then look
+# inside: the last block's attention weights (averaged over its heads) on one palindrome
+# show where each position reads from.
 
 # %%
 @torch.no_grad()
@@ -309,6 +336,32 @@ for side, accuracy in fill_in_accuracy(bert).items():
     print(f"BERT fills in a masked symbol whose {side}: {accuracy:.0%} (chance: "
           f"{1 / bert_vocab.n_symbols:.0%})")
 
+
+@torch.no_grad()
+def last_block_attention(model: BertEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention weights (B, H, L, L) of the last block, captured with a forward hook."""
+    block, captured = model.blocks[-1], {}
+    hook = block.attn.register_forward_pre_hook(lambda module, args: captured.update(h=args[0]))
+    model(tokens)
+    hook.remove()
+    return block.attn(captured["h"], need_weights=True)[1]
+
+
+sample = tasks.palindromes(bert_vocab, 1, HALF, generator=generator, device=device)
+sample[0, 3] = bert_vocab.mask_id  # hide one symbol: its partner is at position L - 1 - 3
+weights = last_block_attention(bert, sample)[0].mean(0)  # (L, L), averaged over the heads
+L_bert = sample.shape[1]
+words = bert_vocab.decode(sample[0]).split()
+plotting.attention_heatmap(weights, x_labels=[f"{w} ({i})" for i, w in enumerate(words)],
+                           y_labels=[f"{w} ({i})" for i, w in enumerate(words)],
+                           title="BERT's last block: position i reads position L-1-i,\n"
+                                 "its mirror partner, on either side")
+plt.show()
+symbols = torch.arange(1, L_bert - 1, device=device)  # (2N,): the symbol positions
+print(f"attention weight on the mirror partner, mean over symbol positions: "
+      f"{float(weights[symbols, L_bert - 1 - symbols].mean()):.2f} "
+      f"(uniform attention: {1 / L_bert:.2f})")
+
 # %% [markdown]
 # ## 3. GPT: a decoder trained to predict the next token
 #
@@ -328,8 +381,9 @@ for side, accuracy in fill_in_accuracy(bert).items():
 #
 # Write `next_token_loss(logits, tokens)`: `logits` (B, L, V) are the model's outputs for
 # `tokens` (B, L); return the mean over all $B(L-1)$ predictions of
-# $-\log \mathrm{softmax}(\text{logits}_{b,t})[x_{b,t+1}]$. Write the cross-entropy yourself
-# with `log_softmax` and `gather` (no `F.cross_entropy` or `F.nll_loss`).
+# $-\log \mathrm{softmax}(\text{logits}_{b,t})[x_{b,t+1}]$, a scalar (shape `()`). Write
+# the cross-entropy yourself with `log_softmax` and `gather` (no `F.cross_entropy` or
+# `F.nll_loss`).
 
 # %% solution id=gpt-loss
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -353,7 +407,8 @@ importlib.reload(helpers.hidden).lesson("05").next_token_loss(next_token_loss)
 #
 # The corpus is `w <sep> w` with `w` random: the first half cannot be predicted (no model
 # does better than $\ln(\text{number of symbols})$ there), the second half can be copied
-# exactly by attending back $|w| + 1$ positions. `helpers.tasks.copy_sequences` returns the
+# exactly: to predict the token after position $t$, the model reads position $t - |w|$.
+# `helpers.tasks.copy_sequences` returns the
 # sequences already split into inputs and targets shifted by one, so the loss is a plain
 # cross-entropy. The best achievable loss averages the unpredictable and the predictable
 # targets:
@@ -475,7 +530,8 @@ def t5_loss(model: T5) -> torch.Tensor:
 
 
 t5_losses = train(t5, t5_loss, steps=60 if SHORT else 400, lr=2e-3)
-plot_learning_curve(t5_losses, "T5: one model, one loss, two tasks",
+plot_learning_curve(t5_losses, "T5: one model and one loss learn both tasks,\n"
+                    "far below guessing",
                     {"guessing a symbol: ln(10)": math.log(t5_vocab.n_symbols)})
 
 # %% [markdown]
@@ -508,24 +564,40 @@ print(f"e.g. {t5_vocab.decode(input_ids[0])}  ->  {t5_vocab.decode(answers[0, :a
 # | typical use | classification, retrieval, tagging | open-ended generation, chat | translation, summarisation, any input → output |
 #
 # The masks make the table concrete. Each panel shows which keys (columns) a query (row)
-# may attend to, for an input of 5 tokens (the last one padding) and an output of 4:
+# may attend to, for the T5 input `reverse: c b a </s>` padded with one `<pad>`, and the
+# decoder inputs `<pad> a b c` that teacher forcing feeds in for the labels `a b c </s>`:
 
 # %%
-input_lengths, L_in, L_out = torch.tensor([4]), 5, 4
-masks = {
-    "BERT / T5 encoder:\nbidirectional self": padding_mask(input_lengths, L_in)[0, 0].expand(
-        L_in, L_in),
-    "GPT / T5 decoder:\ncausal self": causal_mask(L_out),
-    "T5 decoder:\ncross (output → input)": padding_mask(input_lengths, L_in)[0, 0].expand(
-        L_out, L_in),
+from matplotlib.colors import ListedColormap
+
+encoder_words = ["reverse:", "c", "b", "a", "</s>", "<pad>"]
+decoder_words = ["<pad>", "a", "b", "c"]
+L_in, L_out = len(encoder_words), len(decoder_words)
+input_lengths = torch.tensor([encoder_words.index("<pad>")])  # real tokens before the padding
+panels = {  # name -> (mask (queries, keys), query words, key words)
+    "BERT / T5 encoder:\nbidirectional self-attention":
+        (padding_mask(input_lengths, L_in)[0, 0].expand(L_in, L_in), encoder_words,
+         encoder_words),
+    "GPT / T5 decoder:\ncausal self-attention":
+        (causal_mask(L_out), decoder_words, decoder_words),
+    "T5 decoder:\ncross-attention (output → input)":
+        (padding_mask(input_lengths, L_in)[0, 0].expand(L_out, L_in), decoder_words,
+         encoder_words),
 }
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-for ax, (name, mask) in zip(axes, masks.items()):
-    ax.imshow(mask.float(), cmap="Greens", vmin=0, vmax=1)
+two_colours = ListedColormap(["#e6e6e6", "tab:green"])
+fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+for ax, (name, (mask, queries, keys)) in zip(axes, panels.items()):
+    ax.imshow(mask.float(), cmap=two_colours, vmin=0, vmax=1)
+    ax.set_xticks(range(len(keys)), keys, rotation=45, ha="right")
+    ax.set_yticks(range(len(queries)), queries)
+    ax.set_xticks([i - 0.5 for i in range(1, len(keys))], minor=True)
+    ax.set_yticks([i - 0.5 for i in range(1, len(queries))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.tick_params(which="minor", length=0)
     ax.set_title(name)
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
-fig.suptitle("Which keys each query may attend to (green = allowed)")
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+fig.suptitle("Which keys each query may attend to (green = allowed, grey = masked out)")
 plt.tight_layout()
 plt.show()
 for name, model in (("BERT", bert), ("GPT", gpt), ("T5", t5)):
