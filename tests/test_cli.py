@@ -32,3 +32,16 @@ def test_other_commands_refuse_unknown_options(capsys):
         cli.main(["check", "--no-browser"])
     assert exit.value.code == 2
     assert "unrecognized arguments: --no-browser" in capsys.readouterr().err
+
+
+def test_check_works_without_an_activated_environment():
+    """nbgrader runs `alembic` when it makes a gradebook: the tools must find it even when
+    only `.venv/bin/attention-course` is called and `.venv/bin` is not on PATH."""
+    import os
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(["/usr/bin", "/bin"])
+    result = subprocess.run([sys.executable, "-m", "helpers.course.cli", "check", "--no-execute", "01"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nbformat
 
-from helpers.course.lessons import Lesson, nbgrader_config
+from helpers.course.lessons import Lesson, nbgrader_api, nbgrader_failure
 from helpers.course.source import build_notebook, write_notebook
 from helpers.course.submissions import Submission, collect, inspect
 
@@ -52,33 +52,25 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path.resolve()}?timeout=120"
 
 
-def _api(course: Path, db_url: str, cell_timeout: int):
-    from nbgrader.apps import NbGraderAPI
-    from nbgrader.coursedir import CourseDirectory
-
-    config = nbgrader_config(course, db_url, cell_timeout)
-    return NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
-
-
 def prepare_course(course: Path, db_url: str, lessons: list[Lesson]) -> dict[str, nbformat.NotebookNode]:
     """Put the lessons in nbgrader's ``source/`` and record them in the gradebook.
 
     Returns the released (student) notebook of each lesson, to compare submissions with.
     """
-    api = _api(course, db_url, cell_timeout=60)
+    api = nbgrader_api(course, db_url, cell_timeout=60)
     released = {}
     for lesson in lessons:
         write_notebook(build_notebook(lesson.script), course / "source" / lesson.name / f"{lesson.name}.ipynb")
         result = api.generate_assignment(lesson.name)
         if not result["success"]:
-            raise RuntimeError(f"nbgrader could not set up {lesson.name}:\n{result.get('error') or result.get('log')}")
+            raise RuntimeError(nbgrader_failure(f"set up {lesson.name}", result))
         released[lesson.name] = nbformat.read(course / "release" / lesson.name / f"{lesson.name}.ipynb", as_version=4)
     return released
 
 
 def grade_one(course: Path, db_url: str, lesson: str, student: str, cell_timeout: int) -> dict:
     """Autograde one student's lesson and write its feedback (runs in a child process)."""
-    api = _api(course, db_url, cell_timeout)
+    api = nbgrader_api(course, db_url, cell_timeout)
     result = api.autograde(lesson, student)
     if not result["success"]:
         return {"success": False, "error": result.get("error") or "", "log": result.get("log") or ""}
@@ -96,8 +88,8 @@ def _run_child(course: Path, db_url: str, submission: Submission, cell_timeout: 
     """
     command = [sys.executable, "-m", "helpers.course.autograde", str(course), db_url,
                submission.lesson, submission.student_id, str(cell_timeout)]
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=env, start_new_session=True)
     try:

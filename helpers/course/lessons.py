@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +94,26 @@ def nbgrader_config(course_dir: Path, db_url: str, cell_timeout: int = 120) -> C
     c.OverwriteCells.add_missing_cells = True
     c.GenerateFeedback.force = True
     return c
+
+
+def nbgrader_api(course_dir: Path, db_url: str, cell_timeout: int = 120):
+    """An ``NbGraderAPI`` for a course folder and a gradebook.
+
+    nbgrader runs the ``alembic`` command when it creates a gradebook, so the folder of this
+    Python's scripts goes on ``PATH``: ``.venv/bin/attention-course`` then works without an
+    activated environment.
+    """
+    from nbgrader.apps import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+
+    scripts = {sysconfig.get_path("scripts"), str(Path(sys.executable).parent)}
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([folder for folder in scripts if folder not in path] + path)
+    config = nbgrader_config(course_dir, db_url, cell_timeout)
+    return NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+
+
+def nbgrader_failure(what: str, result: dict) -> str:
+    """The message for a failed nbgrader call: its log holds the cause, its error the rest."""
+    details = "\n".join(part for part in (result.get("log"), result.get("error")) if part)
+    return f"nbgrader could not {what}:\n{details.strip()}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nbformat
 
-from helpers.course.lessons import Lesson, nbgrader_config
+from helpers.course.lessons import Lesson, nbgrader_api, nbgrader_failure
 from helpers.course.source import build_notebook, write_notebook
 
 SECRET_REGIONS = (("### BEGIN SOLUTION", "### END SOLUTION"),
@@ -18,20 +18,16 @@ SECRET_REGIONS = (("### BEGIN SOLUTION", "### END SOLUTION"),
 
 def student_notebooks(lessons: list[Lesson]) -> dict[str, nbformat.NotebookNode]:
     """Run ``nbgrader generate_assignment`` on the lessons' scripts in a scratch course."""
-    from nbgrader.apps import NbGraderAPI
-    from nbgrader.coursedir import CourseDirectory
-
     with tempfile.TemporaryDirectory(prefix="attention-course-release-") as scratch:
         course = Path(scratch)
         for lesson in lessons:
             write_notebook(build_notebook(lesson.script), course / "source" / lesson.name / f"{lesson.name}.ipynb")
-        config = nbgrader_config(course, f"sqlite:///{course / 'gradebook.db'}")
-        api = NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+        api = nbgrader_api(course, f"sqlite:///{course / 'gradebook.db'}")
         made = {}
         for lesson in lessons:
             result = api.generate_assignment(lesson.name)
             if not result["success"]:
-                raise RuntimeError(f"nbgrader could not release {lesson.name}:\n{result.get('error') or result.get('log')}")
+                raise RuntimeError(nbgrader_failure(f"release {lesson.name}", result))
             released = course / "release" / lesson.name / f"{lesson.name}.ipynb"
             made[lesson.name] = nbformat.read(released, as_version=4)
         return made
