@@ -116,6 +116,24 @@ def test_untouched_notebooks_score_zero(graded, lesson):
     assert (row["status"], float(row["score"])) == ("graded", 0.0)
 
 
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.name)
+def test_an_untouched_exercise_says_it_is_not_done_in_one_line(graded, lesson):
+    """Every test cell of an untouched notebook fails with NotDone, naming the exercise, and
+    the feedback shows no line of the checker's source."""
+    out, _ = graded
+    notebook = nbformat.read(out / "course" / "autograded" / "blank" / lesson.name
+                             / f"{lesson.name}.ipynb", as_version=4)
+    for cell in notebook.cells:
+        if not cell.metadata.get("nbgrader", {}).get("grade"):
+            continue
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        assert [e.ename for e in errors] == ["NotDone"], (cell.id, errors)
+        assert "is not done yet" in errors[0].evalue
+        assert len(errors[0].traceback) == 1, errors[0].traceback
+    html = (out / "feedback" / "blank" / f"{lesson.name}.html").read_text()
+    assert "helpers/checks" not in html and "def _render_traceback_" not in html
+
+
 def test_infinite_loop_times_out_and_the_rest_is_graded_into_the_db_asked_for(tmp_path):
     looping = answered_notebook(FAST, {first_answer(FAST): "while True:\n    pass"})
     hand_in(tmp_path / "in", "looper", FAST, looping)

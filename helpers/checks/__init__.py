@@ -2,17 +2,96 @@
 
 They teach rather than grade: each failure names the likely mistake. One module per
 lesson (``helpers.checks.lesson02`` ...); the shared vocabulary lives here.
+
+Every check that a test cell calls is wrapped in :func:`exercise`: an answer that still
+raises ``NotImplementedError`` gets one line saying that the exercise is not done yet, and
+a failed check shows its message (and, when the student's code raised, the lines of the
+student's code), never the checker's own source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
+_HELPERS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RED, _RESET = "\x1b[31m", "\x1b[0m"
+
+
+def _student_frames(error: BaseException) -> list[str]:
+    """The traceback lines of ``error`` that point into the student's code, not ``helpers``
+    or the libraries: where in their own cell the answer raised."""
+    frames = traceback.extract_tb(error.__traceback__)
+    mine = [frame for frame in frames if not os.path.abspath(frame.filename).startswith(_HELPERS_DIR)
+            and "site-packages" not in frame.filename and "/lib/python" not in frame.filename]
+    return traceback.format_list(mine)
+
 
 class CheckFailed(AssertionError):
-    """A visible check failed; the message says what to look at."""
+    """A visible check failed; the message says what to look at.
+
+    In a notebook only the message is shown (IPython calls ``_render_traceback_``), plus the
+    student's own lines when their code raised the error behind it.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [f"{_RED}{type(self).__name__}{_RESET}: {self}"]
+        cause = self.__cause__
+        if cause is not None:
+            frames = _student_frames(cause)
+            if frames:
+                lines += ["", f"{type(cause).__name__} was raised here, in your code:"]
+                lines += [line.rstrip("\n") for frame in frames for line in frame.splitlines()]
+        return lines
+
+
+class NotDone(CheckFailed):
+    """The exercise still raises ``NotImplementedError``: it has not been written yet."""
+
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def _answer_name(answer: object) -> str:
+    return getattr(answer, "__name__", None) or type(answer).__name__
+
+
+def exercise(check: F) -> F:
+    """Mark a check that a test cell calls with the student's answer (its first argument).
+
+    A ``NotImplementedError`` from the answer (nbgrader's stub) becomes :class:`NotDone`,
+    one line that names the exercise, instead of a traceback through the checker.
+    """
+    @functools.wraps(check)
+    def run(answer: object, *args: object, **kwargs: object) -> None:
+        try:
+            return check(answer, *args, **kwargs)
+        except NotImplementedError:
+            name = _answer_name(answer)
+            raise NotDone(f"{name} is not done yet: write it in its cell above (in place of "
+                          f"`raise NotImplementedError()`), run that cell, then this one"
+                          ) from None
+    return run  # type: ignore[return-value]
+
+
+def call(fn: Callable, *args: object, name: str, hint: str = "", **kwargs: object) -> object:
+    """``fn(*args, **kwargs)``, turning an error inside the student's code into a check
+    failure that names the call and the likely mistake (``hint``).
+
+    ``NotImplementedError`` passes through untouched, for :func:`exercise` to report.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise
+    except (RuntimeError, IndexError, TypeError, AttributeError) as error:
+        message = f"{name} raised {type(error).__name__}: {error}"
+        raise CheckFailed(message + (f"\n{hint}" if hint else "")) from error
 
 
 def expect_tensor(value: object, name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from helpers.checks import (CheckFailed, expect, expect_close, expect_shape, expect_tensor,
+from helpers.checks import (call, expect, expect_close, expect_shape, expect_tensor, exercise,
                             is_close, passed)
 from helpers.device import get_device
 
@@ -41,19 +41,12 @@ def _torch_rnn(W_x: torch.Tensor, W_h: torch.Tensor, b: torch.Tensor) -> torch.n
     return rnn
 
 
-def _call(fn: Callable, args: tuple, name: str, hint: str) -> object:
-    """``fn(*args)``, turning a shape or indexing error inside it into a check that says why."""
-    try:
-        return fn(*args)
-    except (RuntimeError, IndexError) as error:
-        raise CheckFailed(f"{name} raised {type(error).__name__}: {error}\n{hint}") from error
-
-
 def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     expect(value.dtype == dtype, f"{name} has dtype {value.dtype}, expected {dtype} (the dtype "
            "of the inputs): did you create a tensor without dtype= or call .float()?")
 
 
+@exercise
 def rnn_cell(fn: Callable) -> None:
     """Check ``rnn_cell(x_t, h_prev, W_x, W_h, b)`` -> (B, H) against ``torch.nn.RNNCell``."""
     x_t, h_prev = _randn(B, D, seed=0), _randn(B, H, seed=1, scale=0.8)
@@ -61,7 +54,7 @@ def rnn_cell(fn: Callable) -> None:
     shapes = (f"shapes: x_t (B, D) = {(B, D)}, h_prev (B, H) = {(B, H)}, W_x (H, D) = {(H, D)}, "
               f"W_h (H, H) = {(H, H)}, b (H,) = {(H,)}; with row vectors, W_x x_t is "
               "x_t @ W_x.T and W_h h_{t-1} is h_prev @ W_h.T")
-    h_t = expect_tensor(_call(fn, (x_t, h_prev, W_x, W_h, b), "rnn_cell(...)", shapes),
+    h_t = expect_tensor(call(fn, x_t, h_prev, W_x, W_h, b, name="rnn_cell(...)", hint=shapes),
                         "rnn_cell(...)")
     expect_shape(h_t, (B, H), "rnn_cell(...)", "one new state per batch row, (B, H)")
     pre = x_t @ W_x.T + h_prev @ W_h.T + b  # (B, H)
@@ -85,15 +78,16 @@ def rnn_cell(fn: Callable) -> None:
     passed("rnn_cell")
 
 
+@exercise
 def rnn_unroll(fn: Callable) -> None:
     """Check ``rnn_unroll(x, W_x, W_h, b, h0=None)`` -> (B, L, H) against ``torch.nn.RNN``."""
     x, h0 = _randn(B, L, D, seed=10), _randn(B, H, seed=11, scale=0.8)
     W_x, W_h, b = _weights(seed=12)
     rnn = _torch_rnn(W_x, W_h, b)
-    states = expect_tensor(_call(fn, (x, W_x, W_h, b, h0), "rnn_unroll(x, W_x, W_h, b, h0)",
-                                 f"x is (B, L, D) = {(B, L, D)} and h0 is (B, H) = {(B, H)}: "
-                                 "step t reads x[:, t], of shape (B, D), and the previous state "
-                                 "(B, H)"), "rnn_unroll(x, W_x, W_h, b, h0)")
+    hint = (f"x is (B, L, D) = {(B, L, D)} and h0 is (B, H) = {(B, H)}: step t reads x[:, t], "
+            "of shape (B, D), and the previous state (B, H)")
+    states = expect_tensor(call(fn, x, W_x, W_h, b, h0, name="rnn_unroll(x, W_x, W_h, b, h0)",
+                                hint=hint), "rnn_unroll(x, W_x, W_h, b, h0)")
     expect(tuple(states.shape) != (B, H), "returned only the last state (B, H): return every "
            "state h_1 .. h_L, stacked into (B, L, H)")
     expect(tuple(states.shape) != (L, B, H), "states stacked along the wrong axis: got (L, B, H), "
@@ -110,10 +104,10 @@ def rnn_unroll(fn: Callable) -> None:
                  "h_1 = tanh(x_1 @ W_x.T + h0 @ W_h.T + b)")
     expect_close(states, expected, "rnn_unroll(...)", "the states from the second on are wrong: "
                  "is the state of step t passed to step t + 1?")
-    zeros = expect_tensor(_call(fn, (x, W_x, W_h, b), "rnn_unroll(x, W_x, W_h, b)",
-                                "with h0=None, start from zeros of shape (B, H) on x's device "
-                                "and in x's dtype (the inputs here are float64): "
-                                "x.new_zeros(B, H)"), "rnn_unroll(x, W_x, W_h, b)")
+    zeros = expect_tensor(call(fn, x, W_x, W_h, b, name="rnn_unroll(x, W_x, W_h, b)",
+                               hint="with h0=None, start from zeros of shape (B, H) on x's device "
+                                    "and in x's dtype (the inputs here are float64): "
+                                    "x.new_zeros(B, H)"), "rnn_unroll(x, W_x, W_h, b)")
     expect_close(zeros, rnn(x)[0], "rnn_unroll(x, W_x, W_h, b) with h0=None",
                  "when h0 is None start from zeros (B, H), on x's device and in x's dtype")
     _expect_dtype(states, x.dtype, "rnn_unroll(...)")
@@ -130,18 +124,18 @@ def _autograd_norms(x: torch.Tensor, W_x: torch.Tensor, W_h: torch.Tensor,
     return per_example.pow(2).sum(dim=(1, 3)).sqrt()  # (B, L)
 
 
+@exercise
 def gradient_norms(fn: Callable) -> None:
     """Check ``gradient_norms(states, W_x, W_h)`` -> (B, L) against autograd's Jacobian."""
     x = _randn(B, L, D, seed=20)
     W_x, W_h, b = _weights(seed=21)
     states = _torch_rnn(W_x, W_h, b)(x)[0].detach()  # (B, L, H)
     expected = _autograd_norms(x, W_x, W_h, b)  # (B, L)
-    norms = expect_tensor(_call(fn, (states, W_x, W_h), "gradient_norms(states, W_x, W_h)",
-                                f"shapes: states (B, L, H) = {(B, L, H)}, W_x (H, D) = {(H, D)}, "
-                                f"W_h (H, H) = {(H, H)}; G is (B, H, H), G D_t is "
-                                "G * d[:, None, :] with d = 1 - states[:, t]**2 of shape (B, H), "
-                                "and G D_t W_x is (B, H, D)"),
-                          "gradient_norms(states, W_x, W_h)")
+    hint = (f"shapes: states (B, L, H) = {(B, L, H)}, W_x (H, D) = {(H, D)}, W_h (H, H) = "
+            f"{(H, H)}; G is (B, H, H), G D_t is G * d[:, None, :] with d = 1 - states[:, t]**2 "
+            "of shape (B, H), and G D_t W_x is (B, H, D)")
+    norms = expect_tensor(call(fn, states, W_x, W_h, name="gradient_norms(states, W_x, W_h)",
+                               hint=hint), "gradient_norms(states, W_x, W_h)")
     expect(tuple(norms.shape) != (L,), "got one norm per step (L,): keep the batch, one norm "
            "per sequence and step, (B, L)")
     expect_shape(norms, (B, L), "gradient_norms(...)", "one norm per sequence and input step")
@@ -159,16 +153,17 @@ def gradient_norms(fn: Callable) -> None:
     passed("gradient_norms")
 
 
+@exercise
 def context_vector(fn: Callable) -> None:
     """Check ``context_vector(states, lengths)`` -> (B, H): each sequence's last real state."""
     states = _randn(B, L, H, seed=30)
     lengths = torch.tensor([L, 2, 1], device=states.device)
     expected = torch.stack([states[i, int(n) - 1] for i, n in enumerate(lengths)])  # (B, H)
-    context = expect_tensor(_call(fn, (states, lengths), "context_vector(states, lengths)",
-                                  f"states is (B, L, H) = {(B, L, H)} and lengths = "
-                                  f"{lengths.tolist()}: a length of L = {L} is a valid length, "
-                                  "but L is not a valid index; the last real token of sequence i "
-                                  "is at index lengths[i] - 1"), "context_vector(states, lengths)")
+    hint = (f"states is (B, L, H) = {(B, L, H)} and lengths = {lengths.tolist()}: a length of "
+            f"L = {L} is a valid length, but L is not a valid index; the last real token of "
+            "sequence i is at index lengths[i] - 1")
+    context = expect_tensor(call(fn, states, lengths, name="context_vector(states, lengths)",
+                                 hint=hint), "context_vector(states, lengths)")
     expect_shape(context, (B, H), "context_vector(...)", "one vector per sequence, (B, H)")
     expect(not is_close(context, states[:, -1]), "you took states[:, -1], the state after the "
            "padding: the last real token of sequence i is at index lengths[i] - 1")

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers.checks import (CheckFailed, expect, expect_close, expect_shape, expect_tensor,
-                            is_close, passed)
+from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
+                            expect_tensor, exercise, is_close, passed)
 from helpers.device import get_device
 
 B, H, L, S, D, DV = 2, 3, 4, 5, 8, 6
@@ -31,25 +31,17 @@ def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
            "of the input): did you convert with .float() or create a tensor without dtype=?")
 
 
-def _call(fn: Callable, args: tuple, name: str, hint: str, **kwargs: object) -> object:
-    """``fn(*args, **kwargs)``, turning a shape error inside it into a check that says why."""
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as error:
-        raise CheckFailed(f"{name} raised RuntimeError: {error}\n{hint}") from error
-
-
 def _expect_finite(value: torch.Tensor, message: str) -> None:
     expect(bool(torch.isfinite(value).all()), message)
 
 
+@exercise
 def dot_scores(fn: Callable) -> None:
     """Check ``dot_scores(q, k)`` -> (B, H, L, S) raw scores q_i · k_j."""
     q, k = _randn(B, H, L, D, seed=0), _randn(B, H, S, D, seed=1)
-    scores = expect_tensor(_call(fn, (q, k), "dot_scores(q, k)",
-                                 f"q is (B, H, L, D) = {(B, H, L, D)} and k is (B, H, S, D) = "
-                                 f"{(B, H, S, D)}: transpose only the last two dims of k, "
-                                 "k.transpose(-2, -1) (k.T reverses all four)"), "dot_scores(q, k)")
+    hint = (f"q is (B, H, L, D) = {(B, H, L, D)} and k is (B, H, S, D) = {(B, H, S, D)}: "
+            "transpose only the last two dims of k, k.transpose(-2, -1) (k.T reverses all four)")
+    scores = expect_tensor(call(fn, q, k, name="dot_scores(q, k)", hint=hint), "dot_scores(q, k)")
     expect_shape(scores, (B, H, L, S), "dot_scores(q, k)",
                  "q (B, H, L, D) times k transposed on its last two dims, k.transpose(-2, -1)")
     expected = torch.einsum("bhld,bhsd->bhls", q, k)  # (B, H, L, S)
@@ -72,13 +64,14 @@ def dot_scores(fn: Callable) -> None:
     passed("dot_scores")
 
 
+@exercise
 def stable_softmax(fn: Callable) -> None:
     """Check ``stable_softmax(x, dim=-1)``: sums to 1, matches torch, survives large and -inf."""
     x = _randn(B, H, L, S, seed=3)
-    weights = expect_tensor(_call(fn, (x,), "stable_softmax(x)",
-                                  f"x is {tuple(x.shape)}: take the max and the sum with "
-                                  "keepdim=True, so that they broadcast against x"),
-                            "stable_softmax(x)")
+    weights = expect_tensor(call(fn, x, name="stable_softmax(x)",
+                                 hint=f"x is {tuple(x.shape)}: take the max and the sum with "
+                                      "keepdim=True, so that they broadcast against x"),
+                                      "stable_softmax(x)")
     expect_shape(weights, x.shape, "stable_softmax(x)", "softmax keeps the shape of its input")
     expect(is_close(weights.sum(dim=-1), torch.ones(B, H, L, dtype=x.dtype)),
            "weights do not sum to 1 over the keys (the last dim): softmax over the wrong axis?")
@@ -111,13 +104,14 @@ def stable_softmax(fn: Callable) -> None:
     passed("stable_softmax")
 
 
+@exercise
 def attention(fn: Callable) -> None:
     """Check ``attention(q, k, v, mask=None, scale=None)`` against PyTorch's SDPA."""
     q, k, v = _randn(B, H, L, D, seed=6), _randn(B, H, S, D, seed=7), _randn(B, H, S, DV, seed=8)
-    result = _call(fn, (q, k, v), "attention(q, k, v)",
-                   f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H, S, D) = {(B, H, S, D)}, v is "
-                   f"(B, H, S, Dv) = {(B, H, S, DV)}: scores = q @ k.transpose(-2, -1) is "
-                   "(B, H, L, S), out = weights @ v is (B, H, L, Dv)")
+    hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H, S, D) = {(B, H, S, D)}, v is "
+            f"(B, H, S, Dv) = {(B, H, S, DV)}: scores = q @ k.transpose(-2, -1) is (B, H, L, S), "
+            "out = weights @ v is (B, H, L, Dv)")
+    result = call(fn, q, k, v, name="attention(q, k, v)", hint=hint)
     expect(isinstance(result, tuple) and len(result) == 2,
            f"attention should return a tuple (out, weights), got {type(result).__name__}: "
            "end with `return out, weights`")
@@ -170,6 +164,7 @@ def attention(fn: Callable) -> None:
     passed("attention")
 
 
+@exercise
 def attention_entropy(fn: Callable) -> None:
     """Check ``attention_entropy(weights)`` -> (..., L) entropy in nats, 0 ln 0 = 0."""
     weights = torch.softmax(_randn(B, H, L, S, seed=10) * 2, dim=-1)

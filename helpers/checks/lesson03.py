@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from helpers import attention as ref
-from helpers.checks import CheckFailed, expect, expect_close, expect_shape, is_close, passed
+from helpers.checks import (CheckFailed, expect, expect_close, expect_shape, exercise, is_close,
+                            passed)
 
 
 def _counting(B: int, L: int, H: int, D: int) -> torch.Tensor:
@@ -19,6 +20,7 @@ def _counting(B: int, L: int, H: int, D: int) -> torch.Tensor:
     return torch.arange(B * L * H * D, dtype=torch.float32).view(B, L, H * D)
 
 
+@exercise
 def split_heads(split_heads: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """``split_heads(x, n_heads)``: (B, L, H*D) -> (B, H, L, D), head h = features h*D..(h+1)*D."""
     B, L, H, D = 2, 3, 4, 5
@@ -44,6 +46,7 @@ def split_heads(split_heads: Callable[[torch.Tensor, int], torch.Tensor]) -> Non
     passed("split_heads")
 
 
+@exercise
 def merge_heads(merge_heads: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """``merge_heads(x)``: (B, H, L, D) -> (B, L, H*D), the inverse of ``split_heads``."""
     B, L, H, D = 2, 3, 4, 5
@@ -66,6 +69,7 @@ def _copy_weights(target: nn.Module, source: ref.MultiHeadAttention) -> None:
             getattr(target, name).bias.copy_(getattr(source, name).bias)
 
 
+@exercise
 def mha_forward(module_class: type[nn.Module]) -> None:
     """The student's module against the reference, with the same weights."""
     torch.manual_seed(0)
@@ -95,6 +99,7 @@ def mha_forward(module_class: type[nn.Module]) -> None:
     passed("MultiHeadAttention.forward")
 
 
+@exercise
 def param_count(mha_param_count: Callable[..., int]) -> None:
     """The count against ``sum(p.numel())`` of ``nn.MultiheadAttention``."""
     for d_model, n_heads, bias in [(64, 4, True), (64, 8, True), (48, 3, False)]:
@@ -119,6 +124,7 @@ def param_count(mha_param_count: Callable[..., int]) -> None:
     passed("mha_param_count")
 
 
+@exercise
 def load_torch_mha(load_torch_mha: Callable[[nn.Module, nn.MultiheadAttention], None]) -> None:
     """After loading, the reference module matches ``nn.MultiheadAttention`` output."""
     torch.manual_seed(0)

@@ -16,9 +16,11 @@ from torch.autograd.functional import jacobian
 from torch.nn.attention.bias import causal_lower_right
 
 from helpers import attention as ref
-from helpers.checks import CheckFailed, expect, expect_close, expect_shape, is_close, passed
+from helpers.checks import (CheckFailed, expect, expect_close, expect_shape, exercise, is_close,
+                            passed)
 
 
+@exercise
 def causal_mask(causal_mask: Callable[..., torch.Tensor]) -> None:
     """``causal_mask(L, S=None, device=None)``: (L, S) bool, query i sees keys 0 .. S-L+i."""
     square = causal_mask(4)
@@ -47,6 +49,7 @@ def causal_mask(causal_mask: Callable[..., torch.Tensor]) -> None:
     passed("causal_mask")
 
 
+@exercise
 def padding_mask(padding_mask: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """``padding_mask(lengths, S)``: (B, 1, 1, S) bool, True on the real (unpadded) keys."""
     lengths = torch.tensor([3, 1, 5])
@@ -80,6 +83,7 @@ def _cross_oracle(theirs: nn.MultiheadAttention, x: torch.Tensor, context: torch
         return theirs(x, context, context, key_padding_mask=ignore, need_weights=False)[0]
 
 
+@exercise
 def cross_attention(cross_attention: Callable[..., torch.Tensor]) -> None:
     """``cross_attention(attn, x, context, context_lengths=None)`` against PyTorch's module."""
     torch.manual_seed(0)
@@ -139,6 +143,7 @@ def dependence_oracle(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return per_position.pow(2).sum(dim=(1, 3)).sqrt()  # (L, L)
 
 
+@exercise
 def gradient_dependence(gradient_dependence: Callable[[nn.Module, torch.Tensor], torch.Tensor]
                         ) -> None:
     """The (L, L) gradient norms on a causal and on a bidirectional model."""

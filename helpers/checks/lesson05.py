@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.checks import CheckFailed, expect, expect_close, expect_shape, expect_tensor, passed
-from helpers.checks import is_close
+from helpers.checks import (CheckFailed, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, is_close, passed)
 from helpers.hidden._core import ShortcutUsed, fresh_import, forbid
 
 IGNORE_INDEX = -100
@@ -72,6 +72,7 @@ def _block_variants(ref: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
     return variants
 
 
+@exercise
 def transformer_block(block_class: type[nn.Module]) -> None:
     """The student's pre-LN block matches ``helpers.transformer.TransformerBlock``."""
     transformer = fresh_import("helpers.transformer")
@@ -149,6 +150,7 @@ def masking_sample(batch: int, length: int, vocab_size: int, special_ids: tuple[
     return tokens
 
 
+@exercise
 def mlm_masking(mask_tokens: Callable) -> None:
     """80/10/10 statistics, special tokens left alone, -100 labels, reproducible, no mutation."""
     vocab_size, mask_id, special_ids, p = 1000, 3, (0, 1, 2, 3), 0.15
@@ -214,6 +216,7 @@ def mlm_masking(mask_tokens: Callable) -> None:
 # --- next-token loss -------------------------------------------------------------------------
 
 
+@exercise
 def next_token_loss(loss_fn: Callable) -> None:
     """Mean cross-entropy of logits[:, t] against tokens[:, t + 1], written by hand."""
     torch.manual_seed(0)
@@ -258,6 +261,7 @@ def next_token_loss(loss_fn: Callable) -> None:
 # --- text-to-text decoder inputs --------------------------------------------------------------
 
 
+@exercise
 def shift_right(shift_fn: Callable) -> None:
     """Decoder inputs: start token, then the labels without the last; -100 becomes padding."""
     tasks = fresh_import("helpers.tasks")

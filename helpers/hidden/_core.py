@@ -21,7 +21,14 @@ from torch.overrides import TorchFunctionMode
 
 
 class HiddenTestFailed(AssertionError):
-    """A hidden test found the answer wrong."""
+    """A hidden test found the answer wrong.
+
+    In a notebook (and so in nbgrader's feedback) only the message is shown: IPython calls
+    ``_render_traceback_`` instead of printing the grader's source lines.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 class ShortcutUsed(HiddenTestFailed):
