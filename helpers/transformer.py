@@ -20,7 +20,7 @@ imported here: ``from_hf`` only reads the object it is given.
 
 Attention itself comes from :mod:`helpers.attention`: ``MultiHeadAttention`` holds the
 projections, and :func:`attention` below runs them with the two things its ``forward`` does
-not take, T5's scale of 1 and a K/V cache for generation.
+not take, T5's scale of 1 and a K/V cache for generation (:mod:`helpers.kv_cache`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from helpers.attention import (
     scaled_dot_product_attention,
     split_heads,
 )
+from helpers.kv_cache import KVCache
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),  # exact erf GELU (BERT)
@@ -82,35 +83,15 @@ def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
     raise ValueError(f"norm should be 'layer' or 'rms', got {kind!r}")
 
 
-class LayerCache:
-    """The keys and values one attention layer has seen so far, each (B, H_kv, S, D).
-
-    Generation appends one step's keys and values and attends to everything stored, so each
-    new token costs one row of attention instead of recomputing the whole prefix.
-    """
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, L, D) after what is there; return all keys and values so far."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)  # (B, H_kv, S, D)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)  # (B, H_kv, S, D)
-        return self.k, self.v
-
-
 def attention(attn: MultiHeadAttention, x: torch.Tensor, context: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, scale: float | None = None,
-              cache: LayerCache | None = None) -> torch.Tensor:
+              cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
     """Multi-head attention through ``attn``'s projections, with a ``scale`` and a K/V cache.
 
     x (B, L, d_model) attends to ``context`` (B, S, d_model), itself by default; ``mask`` is
     boolean (True = attend) or an additive float bias, broadcast to (B, H, L, S'), where S'
     counts the cached keys too. ``scale`` defaults to ``1/sqrt(head_dim)``; T5 uses 1.
+    ``cache`` keeps the keys and values of earlier positions in its layer ``layer``.
     Returns (B, L, d_model), equal to ``attn(x, context, mask)`` when scale and cache are None.
     """
     context = x if context is None else context
@@ -118,7 +99,7 @@ def attention(attn: MultiHeadAttention, x: torch.Tensor, context: torch.Tensor |
     k = split_heads(attn.k_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
     v = split_heads(attn.v_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
     if cache is not None:
-        k, v = cache.append(k, v)  # (B, H_kv, S', D)
+        k, v = cache.update(layer, k, v)  # (B, H_kv, S', D)
     group = attn.n_heads // attn.n_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S', D)
     out, _ = scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, H, L, D)
@@ -178,29 +159,30 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                position_bias: torch.Tensor | None = None, cache: LayerCache | None = None
-                ) -> torch.Tensor:
+                position_bias: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d).
 
         ``mask``: boolean, broadcast to (B, H, L, S), True = attend (e.g. a padding mask
         (B, 1, 1, S)); a causal block combines it with the causal mask. ``context``
         (B, S_ctx, d) and ``context_mask`` (broadcast to (B, H, L, S_ctx)) feed the
         cross-attention. ``position_bias`` (1 or B, H, L, S) is added to the self-attention
-        scores (T5). ``cache`` holds the keys and values of earlier positions (generation):
-        x is then the next positions only, and S counts the cached ones too.
+        scores (T5). ``cache`` holds the keys and values of earlier positions (generation),
+        this block's in its layer ``layer``: x is then the next positions only, and S counts
+        the cached ones too.
         """
         if hasattr(self, "cross_attn") and context is None:
             raise ValueError("this block has cross-attention: pass context (B, S, d_model)")
         L = x.shape[1]
-        S = L + (len(cache) if cache is not None else 0)
+        S = L + (cache.held(layer) if cache is not None else 0)
         if self.causal:
             allowed = causal_mask(L, S, device=x.device)  # (L, S)
             mask = allowed if mask is None else mask & allowed
         x = self._residual(x, self.norm1, lambda h: self._attend(
-            self.attn, h, None, add_bias(mask, position_bias), cache))
+            self.attn, h, None, add_bias(mask, position_bias), cache, layer))
         if hasattr(self, "cross_attn"):
             x = self._residual(x, self.norm_cross, lambda h: self._attend(
-                self.cross_attn, h, context, context_mask, None))
+                self.cross_attn, h, context, context_mask, None, 0))
         return self._residual(x, self.norm2, self.mlp)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
@@ -211,11 +193,12 @@ class TransformerBlock(nn.Module):
         return norm(x + self.dropout(branch(x)))
 
     def _attend(self, attn: MultiHeadAttention, h: torch.Tensor, context: torch.Tensor | None,
-                mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         """``attn`` on h; its own (fused) forward unless a scale or a cache is needed."""
         if self.attn_scale is None and cache is None:
             return attn(h, context=context, mask=mask)
-        return attention(attn, h, context, mask=mask, scale=self.attn_scale, cache=cache)
+        return attention(attn, h, context, mask=mask, scale=self.attn_scale, cache=cache,
+                         layer=layer)
 
 
 def init_gpt_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -302,17 +285,17 @@ class GPT(nn.Module):
         self.lm_head.weight = self.token_embedding.weight  # tied
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                caches: list[LayerCache] | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, L) token ids -> logits (B, L, vocab_size).
 
         ``attention_mask`` (B, S) is True for real tokens, False for padding (keys only: a
-        padded position's own output is meaningless). With ``caches`` (one
-        :class:`LayerCache` per block) idx continues the cached sequence: its positions start
-        after the cached ones, and S counts both.
+        padded position's own output is meaningless). With a ``cache`` (one layer per block,
+        :mod:`helpers.kv_cache`) idx continues the cached sequence: its positions start after
+        the cached ones, and S counts both.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx should have shape (B, L), got {tuple(idx.shape)}")
-        start = len(caches[0]) if caches is not None else 0
+        start = cache.seq_len if cache is not None else 0
         L = idx.shape[1]
         if start + L > self.max_len:
             raise ValueError(f"sequence of {start + L} tokens exceeds max_len={self.max_len}")
@@ -320,28 +303,32 @@ class GPT(nn.Module):
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=None if caches is None else caches[i])  # (B, L, d)
+            x = block(x, mask=mask, cache=cache, layer=i)  # (B, L, d)
         return self.lm_head(self.norm(x))  # (B, L, V)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 cache: KVCache | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
 
         Greedy by default; ``do_sample`` draws with ``temperature`` and ``top_k`` (see
-        :func:`next_token`). ``use_cache`` keeps each layer's keys and values
-        (:class:`LayerCache`), so every step feeds only the newest token; without it every
-        step reruns the whole sequence. Both give the same tokens. Call ``.eval()`` first
-        when the model has dropout.
+        :func:`next_token`). ``use_cache`` keeps each layer's keys and values in ``cache``
+        (a fresh :class:`~helpers.kv_cache.KVCache` by default), so every step feeds only the
+        newest token; without it every step reruns the whole sequence. Both give the same
+        tokens. Call ``.eval()`` first when the model has dropout.
         """
         if idx.shape[1] + max_new_tokens > self.max_len:
             raise ValueError(f"{idx.shape[1]} + {max_new_tokens} tokens exceed "
                              f"max_len={self.max_len} learned positions")
-        caches = [LayerCache() for _ in self.blocks] if use_cache else None
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = KVCache(len(self.blocks))
         fresh = idx  # the tokens the model has not seen yet
         for _ in range(max_new_tokens):
-            logits = self(fresh if use_cache else idx, caches=caches)  # (B, L', V)
+            logits = self(fresh if use_cache else idx, cache=cache)  # (B, L', V)
             token = next_token(logits[:, -1], do_sample, temperature, top_k, generator)
             idx = torch.cat([idx, token], dim=1)
             fresh = token

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from helpers.attention import MultiHeadAttention
-from helpers.transformer import GPT, T5, BertEncoder, LayerCache, TransformerBlock, attention
+from helpers.kv_cache import KVCache
+from helpers.transformer import GPT, T5, BertEncoder, TransformerBlock, attention
 
 D, H, V = 32, 4, 50
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -208,12 +209,12 @@ def test_gpt_cached_logits_equal_full_forward():
     torch.manual_seed(7)
     model = GPT(V, D, n_layers=2, n_heads=H, max_len=32).eval()
     idx = torch.randint(0, V, (2, 10))
-    caches = [LayerCache() for _ in model.blocks]
+    cache = KVCache(len(model.blocks), capacity=3)  # grows twice along the way
     with torch.no_grad():
-        steps = [model(idx[:, :4], caches=caches)] + [
-            model(idx[:, t:t + 1], caches=caches) for t in range(4, 10)]
+        steps = [model(idx[:, :4], cache=cache)] + [
+            model(idx[:, t:t + 1], cache=cache) for t in range(4, 10)]
         torch.testing.assert_close(torch.cat(steps, dim=1), model(idx), atol=1e-5, rtol=1e-5)
-    assert len(caches[0]) == 10
+    assert cache.seq_len == cache.held(1) == 10
 
 
 def test_gpt_sampling_is_reproducible_and_top_k_one_is_greedy():
