@@ -16,9 +16,6 @@ Prints a markdown table (median milliseconds, and each time divided by
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,35 +24,12 @@ from torch import nn
 
 from helpers.attention import MultiHeadAttention, split_heads
 from helpers.device import get_device, seed_everything
+from timing import median_ms
 
 SEQ_LENS = (128, 512, 1024, 2048)
 D_MODEL, N_HEADS, BATCH = 256, 8, 1
-WARMUP, REPEATS = 1, 7
+REPEATS = 7
 OUT = Path(__file__).parent / "out" / "mha.md"
-
-
-def median_ms(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
-    """Median wall time of each ``fn()`` in milliseconds, after ``WARMUP`` untimed calls.
-
-    The functions take turns within each repeat, so a burst of load from other processes
-    slows them all alike instead of one of them.
-    """
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(WARMUP):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(REPEATS):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def time_one_length(L: int, device: torch.device) -> dict[str, float]:
@@ -72,7 +46,10 @@ def time_one_length(L: int, device: torch.device) -> dict[str, float]:
             "ours, need_weights": lambda: ours(x, need_weights=True),
             "nn.MultiheadAttention": lambda: theirs(x, x, x, need_weights=False),
             "F.sdpa kernel only": lambda: F.scaled_dot_product_attention(q, k, v),
-        }, device)
+        }, device, repeats=REPEATS)
+
+
+TITLE = "Multi-head attention, one forward"
 
 
 def run() -> str:

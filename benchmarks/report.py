@@ -1,7 +1,11 @@
 """Measure the course's bars and write them to benchmarks/REPORT.md.
 
-    python benchmarks/report.py              lessons, autograde, and the attention benchmarks
+    python benchmarks/report.py              lessons, autograde, and every benchmark
     python benchmarks/report.py --quick      lessons and autograde only
+    python benchmarks/report.py --only mha   lessons, autograde and benchmarks/bench_mha.py
+
+Each ``benchmarks/bench_NAME.py`` is one section of the report: it defines ``TITLE`` and
+``run() -> str`` (its markdown), and runs alone as a script.
 
 Bars (COURSE.md): each solution notebook <= 90 s and all of them <= 10 min on a 2-core CPU;
 autograding one student's full submission (every lesson) <= 2 min.
@@ -10,6 +14,7 @@ autograding one student's full submission (every lesson) <= 2 min.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
@@ -58,9 +63,20 @@ def time_autograde(lessons, jobs: int) -> tuple[float, float, float]:
     return elapsed, sum(row.score for row in rows), sum(row.max_score for row in rows)
 
 
+def benchmark_names(only: list[str] | None) -> list[str]:
+    """The benchmarks to run: every ``benchmarks/bench_NAME.py``, or those named."""
+    available = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    for name in only or []:
+        if name not in available:
+            raise SystemExit(f"no benchmarks/bench_{name}.py (there are: {', '.join(available)})")
+    return only or available
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="skip the attention benchmarks")
+    parser.add_argument("--quick", action="store_true", help="skip the benchmarks")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only benchmarks/bench_NAME.py (repeatable)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="autograde --jobs")
     args = parser.parse_args()
     lessons = find_lessons(ROOT)
@@ -90,9 +106,10 @@ def main() -> None:
         f"{'within' if graded <= 120 else 'OVER'} the bar.",
     ]
     if not args.quick:
-        import bench_mha
-
-        lines += ["", "## Multi-head attention, one forward", "", bench_mha.run()]
+        for name in benchmark_names(args.only):
+            module = importlib.import_module(f"bench_{name}")
+            print(f"benchmark: {module.TITLE}", flush=True)
+            lines += ["", f"## {module.TITLE}", "", module.run()]
     report = "\n".join(lines) + "\n"
     (ROOT / "benchmarks" / "REPORT.md").write_text(report)
     print(report)
