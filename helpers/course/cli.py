@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from helpers.course.lessons import find_lessons, find_root
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from helpers.course.lab import run_lab
+    from helpers.course.lab import copy_notebook, run_lab
 
     root = find_root()
     if args.instructor:
@@ -30,7 +29,7 @@ def _lab(args: argparse.Namespace) -> int:
             target = work / lesson.name
             if not target.exists() and lesson.student.is_file():
                 target.mkdir(parents=True)
-                shutil.copy2(lesson.student, target / lesson.student.name)
+                copy_notebook(lesson.student, target / lesson.student.name)
                 print(f"copied {lesson.name} into {target}")
     if not work.is_dir():
         raise FileNotFoundError(f"--dir {work} is not a folder")

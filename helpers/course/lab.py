@@ -3,7 +3,7 @@ nbgrader's, and one Ctrl-C stops either the way Jupyter stops itself.
 
 nbgrader puts its instructor tools into every JupyterLab it is installed with: the
 Formgrader, Create Assignment, and the course and assignment lists (which need an nbgrader
-exchange this course does not use). Its documentation (user guide, "Installation", section
+exchange this course does not use), and a menu that opens them. Its documentation (user guide, "Installation", section
 "Disabling extensions") turns them off per lab extension and server extension; the student
 lab does that, and keeps Validate. Both labs turn off JupyterLab's "news" pop-up.
 
@@ -20,15 +20,29 @@ import signal
 import tempfile
 from pathlib import Path
 
+import nbformat
 from jupyter_server.serverapp import ServerApp
 from jupyterlab.labapp import LabApp
 
 NEWS_PLUGIN = "@jupyterlab/apputils-extension:announcements"
 INSTRUCTOR_PLUGINS = ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment",
-                      "@jupyter/nbgrader:course-list", "@jupyter/nbgrader:assignment-list")
+                      "@jupyter/nbgrader:course-list", "@jupyter/nbgrader:assignment-list",
+                      "@jupyter/nbgrader:menu")  # the Nbgrader menu opens the first three
 INSTRUCTOR_SERVER_EXTENSIONS = ("nbgrader.server_extensions.formgrader",
                                 "nbgrader.server_extensions.course_list",
                                 "nbgrader.server_extensions.assignment_list")
+
+
+def copy_notebook(source: Path, target: Path) -> None:
+    """Copy a student notebook, with the ``language_info`` that this environment's kernel
+    reports. JupyterLab writes the kernel's into the notebook as soon as the kernel starts;
+    with the released notebook's (which cannot know the student's Python version) a lesson
+    opened for the first time would already be marked unsaved."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    notebook = nbformat.read(source, as_version=4)
+    notebook.metadata["language_info"] = dict(IPythonKernel.language_info)
+    nbformat.write(notebook, target)
 
 
 def write_config(folder: Path, instructor: bool) -> None:
