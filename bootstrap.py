@@ -96,14 +96,21 @@ def pyproject_digest() -> str:
     return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
 
 
+def installed(record: dict, digest: str, extras: str) -> bool:
+    """Whether the install ``record`` covers the course with ``extras`` ("" for none: any
+    install covers it) for the pyproject.toml whose digest is ``digest``."""
+    done = record.get("extras", []) if record.get("pyproject") == digest else []
+    return extras in done or (extras == "" and bool(done))
+
+
 def install(extras: str) -> None:
     """Create .venv and install torch, then the course (editable) with ``extras``; nothing
     when a previous install covered these extras and pyproject.toml has not changed since."""
     record = install_record()
+    if venv_python().exists() and installed(record, pyproject_digest(), extras):
+        return
     if record.get("pyproject") != pyproject_digest():
         record = {"pyproject": pyproject_digest(), "extras": []}
-    if venv_python().exists() and extras in record["extras"]:
-        return
     if not venv_python().exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     python = venv_python()

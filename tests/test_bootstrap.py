@@ -89,6 +89,13 @@ def test_cpu_index_failing_in_pip_falls_back_to_pypi(stubbed, capsys):
     assert "could not be installed; trying the next choice" in capsys.readouterr().out
 
 
+def test_an_install_with_extras_covers_the_plain_one_until_pyproject_changes():
+    record = {"pyproject": "abc", "extras": ["test"]}
+    assert bootstrap.installed(record, "abc", "test") and bootstrap.installed(record, "abc", "")
+    assert not bootstrap.installed({"pyproject": "abc", "extras": [""]}, "abc", "test")
+    assert not bootstrap.installed(record, "changed", "") and not bootstrap.installed({}, "abc", "")
+
+
 TOY_COURSE = """\
 [build-system]
 requires = ["setuptools>=64"]
