@@ -6,14 +6,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import nbformat
 import pytest
 
 from helpers.course import cli
 
-from conftest import LESSONS, ROOT
+from conftest import LESSONS, ROOT, free_port, wait_for
 
 
 def fake_lab(monkeypatch) -> list[tuple[list[str], bool]]:
@@ -97,21 +96,6 @@ def test_student_lab_hides_the_instructor_tools_and_the_news(tmp_path):
         assert extensions["nbgrader.server_extensions.formgrader"] is instructor
 
 
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds
-    (or as soon as ``process`` has exited), naming ``what`` was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            pytest.fail(f"the lab exited ({process.returncode}) while waiting for {what}:\n{output}")
-        time.sleep(0.2)
-    pytest.fail(f"gave up waiting {timeout:.0f} s for {what}")
-
-
 def test_ctrl_c_stops_the_lab_with_jupyters_own_shutdown(tmp_path):
     """SIGINT (Ctrl-C) ends `attention-course lab` with exit 0, no traceback, its kernels shut
     down and no jpserver-*.json left behind: Jupyter's own shutdown ran."""
@@ -157,15 +141,6 @@ def test_ctrl_c_stops_the_lab_with_jupyters_own_shutdown(tmp_path):
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     left = sorted(path.name for path in runtime.iterdir() if path.name.startswith(("jpserver-", "kernel-")))
     assert not left, f"the lab left {left} behind"
-
-
-def free_port() -> int:
-    """A TCP port on the loopback address that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_other_commands_refuse_unknown_options(capsys):

@@ -17,15 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from helpers.course.source import build_notebook
 
-from conftest import ROOT, lesson_named
+from conftest import ROOT, free_port, lesson_named, wait_for
 
 ARTIFACTS = ROOT / "tests" / "artifacts" / "lab"
 CHROMIUM = shutil.which("chromium")
@@ -37,7 +35,6 @@ try:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 except ImportError:  # the `test` extra installs it
     webdriver = None
 
@@ -55,28 +52,6 @@ WRONG_DOT_SCORES = '''def dot_scores(q: Tensor, k: Tensor) -> Tensor:
     return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])'''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait(condition, timeout: float, what: str, lab: subprocess.Popen | None = None):
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` s naming
-    ``what`` (and with the lab's output, if it exited meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if lab is not None and lab.poll() is not None:
-            pytest.fail(f"the lab exited ({lab.returncode}) while waiting for {what}:\n{lab.stdout.read()}")
-        time.sleep(0.25)
-    pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """`attention-course lab` on a loopback port, on a temporary copy: (base URL, token)."""
@@ -91,9 +66,9 @@ def lab(tmp_path_factory):
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        info_file = wait(lambda: next(runtime.glob("jpserver-*.json"), None), 180,
+        info_file = wait_for(lambda: next(runtime.glob("jpserver-*.json"), None), 180,
                          "the lab's jpserver-*.json", process)
-        info = wait(lambda: info_file.stat().st_size and json.loads(info_file.read_text()), 30,
+        info = wait_for(lambda: info_file.stat().st_size and json.loads(info_file.read_text()), 30,
                     "the lab's server info")
         yield info["url"].rstrip("/"), info["token"]
     finally:
@@ -117,6 +92,7 @@ def browser(tmp_path_factory):
         options.add_argument(argument)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)  # this run's screenshots only
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_window_size(WIDTH, HEIGHT)
     yield driver
@@ -163,7 +139,7 @@ def replace_cell_source(driver, index: int, source: str) -> None:
     """Select all of a cell's code and put ``source`` in its place, as a paste would."""
     cell = driver.execute_script(CELLS + "[arguments[0]]", index)
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
-    editor = wait(lambda: cell.find_elements(By.CSS_SELECTOR, ".cm-content"), 30, f"cell {index}'s editor")[0]
+    editor = wait_for(lambda: cell.find_elements(By.CSS_SELECTOR, ".cm-content"), 30, f"cell {index}'s editor")[0]
     editor.click()
     editor.send_keys(Keys.CONTROL, "a")
     driver.execute_cdp_cmd("Input.insertText", {"text": source})
@@ -174,7 +150,7 @@ def run_cell_and_next(driver, answer: int) -> str:
     before = cell_prompt(driver, answer + 1)
     driver.switch_to.active_element.send_keys(Keys.SHIFT, Keys.ENTER)
     driver.switch_to.active_element.send_keys(Keys.SHIFT, Keys.ENTER)
-    wait(lambda: cell_prompt(driver, answer + 1) not in (before, "[*]:") and kernel_idle(driver), 120,
+    wait_for(lambda: cell_prompt(driver, answer + 1) not in (before, "[*]:") and kernel_idle(driver), 120,
          "the test cell to run")
     return cell_output(driver, answer + 1)
 
@@ -189,8 +165,8 @@ def test_a_student_works_through_lesson_02(lab, browser):
 
 def student_session(url: str, token: str, driver) -> None:
     driver.get(f"{url}/lab/tree/{NOTEBOOK}?token={token}")
-    wait(lambda: driver.execute_script(CELLS + ".length") > 20, 180, "the notebook to open")
-    wait(lambda: kernel_idle(driver), 180, "the kernel to start")
+    wait_for(lambda: driver.execute_script(CELLS + ".length") > 20, 180, "the notebook to open")
+    wait_for(lambda: kernel_idle(driver), 180, "the kernel to start")
     screenshot(driver, "01-opened")
 
     tab = driver.find_element(By.CSS_SELECTOR, ".lm-TabBar-tab.jp-mod-current")
@@ -206,7 +182,7 @@ def student_session(url: str, token: str, driver) -> None:
     # Run All on the untouched notebook: it stops at the first exercise, which is not done.
     (first_test,) = cell_indices("checks.dot_scores(dot_scores)")
     click_menu(driver, "Run", "Run All Cells")
-    output = wait(lambda: "not done yet" in cell_output(driver, first_test) and cell_output(driver, first_test),
+    output = wait_for(lambda: "not done yet" in cell_output(driver, first_test) and cell_output(driver, first_test),
                   180, "the first test cell's output")
     assert "dot_scores is not done yet" in output
     assert "Traceback" not in output and "helpers/checks" not in output, output
@@ -235,7 +211,7 @@ def student_session(url: str, token: str, driver) -> None:
         replace_cell_source(driver, index, source)
     click_menu(driver, "Run", "Run All Cells")
     last = driver.execute_script(CELLS + ".length") - 1
-    wait(lambda: kernel_idle(driver) and cell_prompt(driver, last - 1).strip() not in ("[ ]:", "[*]:", ""), 300,
+    wait_for(lambda: kernel_idle(driver) and cell_prompt(driver, last - 1).strip() not in ("[ ]:", "[*]:", ""), 300,
          "the whole notebook to run")
     texts = driver.execute_script(CELLS + ".map(c => c.querySelector('.jp-OutputArea')?.textContent || '')")
     assert sum("all checks passed" in text for text in texts) == len(solutions), texts

@@ -2,10 +2,11 @@
 nbgrader's, and one Ctrl-C stops either the way Jupyter stops itself.
 
 nbgrader puts its instructor tools into every JupyterLab it is installed with: the
-Formgrader, Create Assignment, and the course and assignment lists (which need an nbgrader
-exchange this course does not use), and a menu that opens them. Its documentation (user guide, "Installation", section
-"Disabling extensions") turns them off per lab extension and server extension; the student
-lab does that, and keeps Validate. Both labs turn off JupyterLab's "news" pop-up.
+Formgrader, Create Assignment, the course and assignment lists (which need an nbgrader
+exchange this course does not use) and a menu that opens them. Its documentation (user
+guide, "Installation", section "Disabling extensions") turns them off per lab extension and
+server extension; the student lab does that, and keeps Validate. Both labs turn off
+JupyterLab's "news" pop-up.
 
 These settings go into a configuration folder of this lab's own, put first on
 ``JUPYTER_CONFIG_PATH`` for this server only: the user's and the environment's Jupyter
@@ -94,8 +95,8 @@ def run_lab(jupyter_args: list[str], instructor: bool = False) -> int:
         os.environ["JUPYTER_CONFIG_PATH"] = os.pathsep.join([folder] + ([others] if others else []))
         try:
             CourseLabApp.launch_instance(jupyter_args)
-        except SystemExit as exit:  # Jupyter exits this way when it cannot start
-            return exit.code if isinstance(exit.code, int) else 1
+        except SystemExit as stopped:  # Jupyter exits this way when it cannot start
+            return stopped.code if isinstance(stopped.code, int) else 1
         finally:
             if others is None:
                 del os.environ["JUPYTER_CONFIG_PATH"]
