@@ -40,6 +40,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -182,8 +183,9 @@ class _Ring:
         if self.rank < 0:
             raise ValueError(f"process {dist.get_rank()} is not a member of the group it "
                              "passed to ring_attention: call it on the group's ranks only")
-        self.send_to = dist.get_global_rank(group or dist.group.WORLD, (self.rank + 1) % self.size)
-        self.recv_from = dist.get_global_rank(group or dist.group.WORLD, (self.rank - 1) % self.size)
+        members = group or dist.group.WORLD
+        self.send_to = dist.get_global_rank(members, (self.rank + 1) % self.size)
+        self.recv_from = dist.get_global_rank(members, (self.rank - 1) % self.size)
 
     def start_pass(self, tensors: list[torch.Tensor], tag: int
                    ) -> tuple[list[torch.Tensor], list[dist.Work]]:
@@ -302,8 +304,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        # the incoming gradient may be a strided view (an expand, a transpose): sending it as
-        # is gave wrong gradients on gloo, so make it dense first
+        # dout may be a strided view (loss.sum() gives an expanded one): make it dense once
+        # here; gloo collectives have returned wrong gradients for such tensors (COURSE.md),
+        # and the tests send one through the ring
         dq, dk, dv = _ring_backward(ctx.ring, q, k, v, out, lse, dout.contiguous(), ctx.masks,
                                     ctx.scale)
         return dq, dk, dv, None, None, None, None
@@ -344,13 +347,27 @@ def _loopback_interface() -> str:
     return next((name for name in ("lo", "lo0") if name in names), names[0] if names else "lo")
 
 
+def _exit_when_orphaned(parent: int) -> None:
+    """End this process as soon as process ``parent`` has ended (checked every half second,
+    on a daemon thread): a forkserver's child outlives the program that asked for it."""
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent, 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _process(rank: int, world_size: int, fn: Callable, args: tuple, threads: int,
-             folder: str, timeout_s: float) -> None:
+             folder: str, timeout_s: float, parent: int) -> None:
     """One new process: join the gloo group, run ``fn(rank, world_size, *args)``, save its
-    result in ``folder``.
+    result in ``folder``; end early if process ``parent`` (the caller) ends.
 
     The ranks meet through a file in ``folder`` (no port to agree on, so no race with other
     programs for one); gloo then connects them over the loopback interface."""
+    _exit_when_orphaned(parent)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}",
@@ -409,19 +426,20 @@ def run_on_processes(fn: Callable, world_size: int, *args: object, threads: int 
                          "workers of helpers.ring")
     with tempfile.TemporaryDirectory(prefix="ring-") as folder:
         processes = mp.start_processes(
-            _process, args=(world_size, fn, args, threads, folder, timeout_s),
+            _process, args=(world_size, fn, args, threads, folder, timeout_s, os.getpid()),
             nprocs=world_size, join=False, start_method=_start_method())
         deadline = time.monotonic() + timeout_s
         try:
             while not processes.join(timeout=0.2):
                 if time.monotonic() > deadline:
-                    for process in processes.processes:
-                        process.terminate()
                     raise TimeoutError(f"the {world_size} processes did not finish in "
                                        f"{timeout_s} s")
-        except mp.ProcessRaisedException as error:
-            reports = sorted(Path(folder).glob("*.error"), key=lambda path: path.stat().st_mtime_ns)
-            if not reports:
+        except BaseException as error:  # a failure, the timeout, an interrupt: stop them all
+            for process in processes.processes:
+                if process.is_alive():
+                    process.terminate()
+            reports = sorted(Path(folder).glob("*.error"), key=lambda p: p.stat().st_mtime_ns)
+            if not isinstance(error, mp.ProcessRaisedException) or not reports:
                 raise
             first = reports[0]
             raise ProcessFailed(f"rank {first.stem} of {world_size} raised first (the others may "

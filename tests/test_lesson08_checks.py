@@ -95,7 +95,8 @@ def bytes_elements(batch, heads, seq_len, head_dim, world_size, bytes_per_elemen
 
 
 def bytes_float(batch, heads, seq_len, head_dim, world_size, bytes_per_element=2):
-    return 2 * (world_size - 1) * batch * heads * seq_len / world_size * head_dim * bytes_per_element
+    block = batch * heads * seq_len / world_size * head_dim * bytes_per_element  # a float
+    return 2 * (world_size - 1) * block
 
 
 WRONG_BYTES = {

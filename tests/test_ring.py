@@ -8,6 +8,8 @@ costs seconds); each world size P is a subgroup of the first P ranks.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,6 +27,9 @@ from helpers.ring import (
     ring_work,
     run_on_processes,
 )
+
+# One pytest worker runs this module, so the processes start once.
+pytestmark = pytest.mark.xdist_group("ring")
 
 WORLD = 4
 B, H, D, DV = 2, 3, 5, 4
@@ -172,6 +177,17 @@ def raises_in_rank_one(rank: int, world_size: int) -> None:
 def test_an_error_in_a_process_reaches_the_caller():
     with pytest.raises(ProcessFailed, match="rank 1 of 2 raised first(.|\n)*rank one failed"):
         run_on_processes(raises_in_rank_one, 2, timeout_s=120)
+
+
+def sleeps(rank: int, world_size: int) -> None:
+    time.sleep(600)
+
+
+def test_a_run_past_its_timeout_is_stopped():
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish in 3 s"):
+        run_on_processes(sleeps, 2, timeout_s=3)
+    assert time.monotonic() - started < 60
 
 
 def test_run_on_processes_refuses_what_it_cannot_send():

@@ -103,7 +103,8 @@ print(f"three blocks merged in reverse order vs full attention: max |difference|
 # that block to device $r+1$ and **receives** the next one from device $r-1$. After $P$
 # steps every block has visited every device:
 #
-# $$ \text{at step } s, \text{ device } r \text{ holds } K_{(r - s) \bmod P},\ V_{(r - s) \bmod P}. $$
+# $$ \text{at step } s, \text{ device } r \text{ holds } K_j, V_j \text{ with }
+#    j = (r - s) \bmod P . $$
 #
 # Each device holds at most two K/V blocks (the one it computes on, the one arriving), so
 # memory per device is $O(L/P)$, and the sequence can grow with the number of devices. The
@@ -337,8 +338,8 @@ for layout in ring.LAYOUTS:
 # ring again, together with the gradients $dK, dV$ found for each block so far, so that
 # after $P$ passes every block comes home with the sum of its gradients from every rank.
 #
-# Here the processes run on this machine and talk over the loopback network interface with
-# the *gloo* backend (on GPUs one would use NCCL, one GPU per rank).
+# Here the processes compute on this machine's CPU and talk over the loopback network
+# interface with the *gloo* backend (on GPUs one would use NCCL, one GPU per rank).
 # `helpers.ring.run_on_processes(fn, world_size, ...)` starts them (the function has to be
 # importable, so it lives in `helpers.ring`). The worker `ring.ring_scaling` runs one
 # forward and backward pass over a fixed sequence for $P = 1, 2, 3, 4$ processes, each
@@ -625,10 +626,11 @@ for name, ts in timings.items():
           + f"; fitted exponent {exponents[name]:.2f}")
 ratio = timings["softmax attention (SDPA)"][-1] / timings["linear attention (chunked)"][-1]
 print(f"at n = {LENGTHS[-1]}, linear attention is {ratio:.0f}x faster")
-ax = curves(LENGTHS, {f"{name}, time ∝ n^{exponents[name]:.2f}": ts
-                      for name, ts in timings.items()},
-            "sequence length n", "seconds (best of 3 runs)",
-            "softmax attention grows like n², linear attention like n", log_x=True, log_y=True)
+fig, ax = plt.subplots(figsize=(6.5, 4))
+curves(LENGTHS, {f"{name}, time ∝ n^{exponents[name]:.2f}": ts for name, ts in timings.items()},
+       "sequence length n", "seconds (best of 3 runs)",
+       "softmax attention grows like n², linear attention like n", ax=ax, log_x=True,
+       log_y=True)
 plt.show()
 
 # %% [markdown]
@@ -708,9 +710,10 @@ for name, values in accuracy.items():
 d_state = 2 * MQAR_EMBED  # the head size of both models
 print(f"linear attention's state: {d_state} x {d_state} numbers (+ {d_state} for z), whatever the "
       f"length; softmax attention keeps all {3 * MQAR_PAIRS[-1]} keys of the longest sequence")
-ax = curves(MQAR_PAIRS, accuracy, "key-value pairs to recall", "recall accuracy",
-            "softmax attention recalls every pair; linear attention's state fills up",
-            log_x=True)
+fig, ax = plt.subplots(figsize=(7, 4))
+curves(MQAR_PAIRS, accuracy, "key-value pairs to recall", "recall accuracy",
+       "softmax attention recalls every pair; linear attention's state fills up", ax=ax,
+       log_x=True)
 ax.axhline(1 / (MQAR_VOCAB // 2), linestyle=":", color="gray", label="chance")
 ax.set_ylim(0, 1.05)
 ax.legend()
