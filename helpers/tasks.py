@@ -244,3 +244,42 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, p: float = 
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens.long(), IGNORE_INDEX)
     return inputs, labels
+
+
+def associative_recall_task(batch: int, n_pairs: int, vocab_size: int,
+                            n_queries: int | None = None,
+                            generator: torch.Generator | None = None,
+                            device: torch.device | str | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-query associative recall, MQAR (Arora et al., 2023, "Zoology: Measuring and
+    Improving Recall in Efficient Language Models").
+
+    Each sequence lists ``n_pairs`` key-value pairs ``k_1 v_1 k_2 v_2 ...``, then asks
+    ``n_queries`` of the keys again (all of them when ``None``), in random order; at each
+    query the model must output the value that followed that key. Keys are ids
+    ``0 .. vocab_size // 2 - 1`` (distinct within a sequence), values
+    ``vocab_size // 2 .. vocab_size - 1``. Returns ``tokens`` and ``targets``
+    ``(batch, 2 * n_pairs + n_queries)``: the value at each query, :data:`IGNORE_INDEX`
+    elsewhere. The draws come from ``generator`` (on its device). Recalling every pair needs a memory that grows with ``n_pairs``: attention
+    looks back at them all, a fixed-size state must squeeze them in.
+    """
+    n_keys = vocab_size // 2
+    n_queries = n_pairs if n_queries is None else n_queries
+    if not 1 <= n_pairs <= n_keys:
+        raise ValueError(f"n_pairs should be in 1 .. vocab_size // 2 = {n_keys} (the keys of "
+                         f"a sequence are distinct), got {n_pairs}")
+    if not 1 <= n_queries <= n_pairs:
+        raise ValueError(f"n_queries should be in 1 .. n_pairs = {n_pairs} (each query asks a "
+                         f"different key), got {n_queries}")
+    draw_on = generator.device if generator is not None else "cpu"
+    keys = torch.rand(batch, n_keys, generator=generator, device=draw_on).argsort(dim=1)
+    keys = keys[:, :n_pairs]  # (B, N): distinct keys in random order
+    values = n_keys + torch.randint(vocab_size - n_keys, (batch, n_pairs), generator=generator,
+                                    device=draw_on)  # (B, N)
+    asked = torch.rand(batch, n_pairs, generator=generator, device=draw_on).argsort(dim=1)
+    asked = asked[:, :n_queries]  # (B, Q): which pairs the queries ask for
+    pairs = torch.stack([keys, values], dim=2).flatten(1)  # (B, 2N): k_1 v_1 k_2 v_2 ...
+    tokens = torch.cat([pairs, keys.gather(1, asked)], dim=1)  # (B, 2N + Q)
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[:, 2 * n_pairs:] = values.gather(1, asked)
+    return tokens.to(device), targets.to(device)

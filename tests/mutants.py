@@ -89,6 +89,22 @@ MUTANTS = [
            "            new_k[:, :, :held] = old_k[:, :, :held]\n",
            "",
            ("tests/test_kv_cache.py", "tests/test_transformer.py")),
+    Mutant("ring-gradients-not-passed-on", "helpers/ring.py",
+           "dk, dv = dk + dk_dv[0], dv + dk_dv[1]",
+           "dk, dv = dk, dv",
+           ("tests/test_ring.py",)),
+    Mutant("ring-causal-mask-of-the-wrong-block", "helpers/ring.py",
+           "k_pos[(ring.rank - step) % ring.size]",
+           "k_pos[(ring.rank + step) % ring.size]",
+           ("tests/test_ring.py",)),
+    Mutant("linear-chunks-count-their-own-keys-twice", "helpers/linear_attention.py",
+           "state_before = chunk_state.cumsum(dim=-3) - chunk_state",
+           "state_before = chunk_state.cumsum(dim=-3)",
+           ("tests/test_linear_attention.py",)),
+    Mutant("linear-parallel-not-causal", "helpers/linear_attention.py",
+           "similarity = similarity * causal_mask(L, S, device=phi_q.device)",
+           "similarity = similarity * causal_mask(S, L, device=phi_q.device).T",
+           ("tests/test_linear_attention.py",)),
 ]
 
 
