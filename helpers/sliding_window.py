@@ -80,7 +80,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         v_blocks = torch.cat([v_blocks, v[:, :, None, :G].expand(B, H, n_blocks, G, Dv)], dim=3)
     q_blocks = F.pad(q, (0, 0, 0, back)).reshape(B * H, n_blocks, T, D)
     mask = _band_mask(L, n_blocks, T, W, front, G, S - L, q.device)  # (nb, T, T + W - 1 + G)
+    # a 4-D mask: with a 3-D one PyTorch's CPU kernel falls back to materialising the scores
     out = F.scaled_dot_product_attention(
         q_blocks, k_blocks.reshape(B * H, n_blocks, -1, D),
-        v_blocks.reshape(B * H, n_blocks, -1, Dv), attn_mask=mask, scale=scale)
+        v_blocks.reshape(B * H, n_blocks, -1, Dv), attn_mask=mask[None], scale=scale)
     return out.reshape(B, H, n_blocks * T, Dv)[:, :, :L]  # (B, H, L, Dv)
