@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _band_mask(L: int, n_blocks: int, T: int, W: int, front: int, n_global: int,
-               first_position: int, device: torch.device) -> torch.Tensor:
+def _band_mask(n_blocks: int, T: int, W: int, front: int, n_global: int, first_position: int,
+               device: torch.device) -> torch.Tensor:
     """(n_blocks, T, T + W - 1 + G) boolean mask: which padded keys each query of each block sees.
 
     Within a block, query r sees window keys c with r <= c <= r + W - 1 (its band), except
@@ -79,7 +79,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         k_blocks = torch.cat([k_blocks, k[:, :, None, :G].expand(B, H, n_blocks, G, D)], dim=3)
         v_blocks = torch.cat([v_blocks, v[:, :, None, :G].expand(B, H, n_blocks, G, Dv)], dim=3)
     q_blocks = F.pad(q, (0, 0, 0, back)).reshape(B * H, n_blocks, T, D)
-    mask = _band_mask(L, n_blocks, T, W, front, G, S - L, q.device)  # (nb, T, T + W - 1 + G)
+    mask = _band_mask(n_blocks, T, W, front, G, S - L, q.device)  # (nb, T, T + W - 1 + G)
     # a 4-D mask: with a 3-D one PyTorch's CPU kernel falls back to materialising the scores
     out = F.scaled_dot_product_attention(
         q_blocks, k_blocks.reshape(B * H, n_blocks, -1, D),

@@ -830,7 +830,8 @@ class Llama(nn.Module):
                  activation: str = "silu"):
         super().__init__()
         if window is not None and window < 1:
-            raise ValueError(f"window must be at least 1 (or None for full attention), got {window}")
+            raise ValueError(f"window must be at least 1 (or None for full attention), "
+                             f"got {window}")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         d_ff = 8 * d_model // 3 if d_ff is None else d_ff
         self.window, self.rope_base = window, rope_base

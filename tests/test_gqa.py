@@ -80,3 +80,20 @@ def test_mean_pooled_mqa_equals_attention_with_the_mean_key_and_value():
                                          v_mean[:, None].expand(2, 4, 5, 4))
     expected = mha.out_proj(out.transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(mqa(x), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("L, S, window", [(6, 6, None), (1, 9, None), (3, 9, None), (6, 6, 3),
+                                          (1, 9, 4), (3, 12, 4), (2, 5, 8), (1, 1, 2)])
+def test_llama_attention_path_matches_sdpa_with_a_mask_written_out(L, S, window):
+    """The fused path Llama runs (decode steps, chunks after a cache, windows that slice the
+    keys) against SDPA with ``enable_gqa`` and a bottom-right mask built entry by entry."""
+    from helpers.transformer import causal_gqa_attention
+
+    g = torch.Generator().manual_seed(L * S)
+    q = torch.randn(2, 6, L, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, S, 8, generator=g, dtype=torch.float64)
+    reach = S if window is None else window
+    mask = torch.tensor([[S - L + i - reach < j <= S - L + i for j in range(S)] for i in range(L)])
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(causal_gqa_attention(q, k, v, window), expected,
+                               atol=1e-10, rtol=1e-10)

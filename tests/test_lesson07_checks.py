@@ -70,7 +70,7 @@ WRONG_REPEATS = [(repeat_interleaved, "interleaved"), (repeat_with_view, "not vi
 def gqa(q, k, v, mask=None, *, interleaved=False, scale=True, invert=False, use_mask=True):
     """GQA by arithmetic, with the usual mistakes as options."""
     B, H, L, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
+    H_kv = k.shape[1]
     G = H // H_kv
     index = torch.arange(H, device=q.device)
     index = index % H_kv if interleaved else index // G

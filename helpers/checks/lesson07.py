@@ -120,7 +120,8 @@ def repeat_kv(fn: Callable) -> None:
     hint = ("x is (B, H_kv, S, D): x[:, :, None] is (B, H_kv, 1, S, D); expand its axis 2, "
             "then reshape (not view: an expanded tensor cannot be viewed as fewer dims)")
     out = _run_without("repeat_kv", lambda: call(fn, x, 2, name="repeat_kv(x, 2)", hint=hint),
-                       torch_functions=["repeat_interleave"], helpers=["helpers.attention.repeat_kv"])
+                       torch_functions=["repeat_interleave"],
+                       helpers=["helpers.attention.repeat_kv"])
     out = expect_tensor(out, "repeat_kv(x, 2)")
     expect_shape(out, (2, 6, 5, 4), "repeat_kv(x, 2)", "(B, H_kv * n_rep, S, D)")
     expect(not is_close(out, x.repeat(1, 2, 1, 1)),
@@ -247,7 +248,8 @@ def _angles(positions: torch.Tensor, D: int, base: float, exponent_step: int = 2
     return positions.double()[:, None] * theta[None, :]  # (L, D/2)
 
 
-def _rope_variants(x: torch.Tensor, positions: torch.Tensor, base: float) -> dict[str, torch.Tensor]:
+def _rope_variants(x: torch.Tensor, positions: torch.Tensor, base: float
+                   ) -> dict[str, torch.Tensor]:
     """Typical wrong RoPEs, computed in float64."""
     x = x.double()
     D = x.shape[-1]
@@ -351,7 +353,8 @@ def local_global_mask(fn: Callable) -> None:
         if not torch.equal(mask, expected):
             for message, wrong in _mask_variants(L, window, n_global, device).items():
                 expect(not torch.equal(mask, wrong), f"{name}: {message}")
-            raise CheckFailed(f"{name} differs from the reference in {int((mask != expected).sum())} "
+            wrong = int((mask != expected).sum())
+            raise CheckFailed(f"{name} differs from the reference in {wrong} "
                               "entries: query i sees key j when i - window < j <= i, or when "
                               "j < n_global and j <= i")
     expect(torch.equal(fn(6, 2), attention.sliding_window_mask(6, 2)),
@@ -382,7 +385,8 @@ class QuadraticTensors(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(value, torch.Tensor) and self.found is None and (
-                    sum(size >= self.L for size in value.shape) >= 2 or value.numel() >= self.limit):
+                    sum(size >= self.L for size in value.shape) >= 2
+                    or value.numel() >= self.limit):
                 self.found = tuple(value.shape)
         return out
 

@@ -96,7 +96,8 @@ def grouped_query_attention(student: Callable) -> None:
     for dtype in DTYPES:
         for H_kv in (_randint(generator, 2, 3), 1):
             G = _randint(generator, 2, 3)
-            B, L, S = _randint(generator, 1, 3), _randint(generator, 2, 6), _randint(generator, 3, 9)
+            B, L = _randint(generator, 1, 3), _randint(generator, 2, 6)
+            S = _randint(generator, 3, 9)
             D, Dv = _randint(generator, 2, 16), _randint(generator, 1, 8)
             q = _randn(generator, B, H_kv * G, L, D, dtype=dtype)
             k = _randn(generator, B, H_kv, S, D, dtype=dtype)
@@ -144,8 +145,10 @@ def apply_rope(student: Callable) -> None:
         B, H, L = _randint(generator, 1, 3), _randint(generator, 1, 3), _randint(generator, 2, 7)
         D = 2 * _randint(generator, 2, 16)  # >= 4: two pairs per half
         start = _randint(generator, 1, 40)
-        positions = (start + torch.randperm(48, generator=generator)[:L].sort().values).to(get_device())
-        base = (10000.0, 500000.0, float(_randint(generator, 100, 5000)))[_randint(generator, 0, 2)]
+        positions = start + torch.randperm(48, generator=generator)[:L].sort().values
+        positions = positions.to(get_device())
+        # never the default 10000: an answer that ignores the argument base would pass
+        base = (500000.0, float(_randint(generator, 100, 5000)))[_randint(generator, 0, 1)]
         x = _randn(generator, B, H, L, D, dtype=dtype)
         with forbid(helpers=visible.ROPE_HELPERS):
             out = student(x, positions, base=base)

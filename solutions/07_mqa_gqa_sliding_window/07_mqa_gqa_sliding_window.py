@@ -280,7 +280,8 @@ importlib.reload(helpers.hidden).lesson("07").grouped_query_attention(grouped_qu
 # layer's attention ($W^Q$ and $W^O$ stay $d \times d$; $W^K$ and $W^V$ shrink with $H_{kv}$).
 
 # %%
-print(f"{'n_kv_heads':>10} | {'design':>6} | {'KV cache KiB/token':>18} | {'attention params/layer':>22}")
+print(f"{'n_kv_heads':>10} | {'design':>6} | {'KV cache KiB/token':>18} | "
+      f"{'attention params/layer':>22}")
 for n_kv in (64, 32, 16, 8, 4, 2, 1):
     shape = Config("Llama 2 70B shape", llama70.n_layers, llama70.d_model, llama70.n_heads, n_kv,
                    llama70.head_dim)
@@ -522,6 +523,7 @@ curves(distances.tolist(), decay, "distance m - n (tokens)", "mean q_m · k_n, w
        "a token's score with its own copy fades with distance", ax=axes[1])
 for line in axes[1].lines:
     line.set_marker("")
+axes[1].legend()
 fig.tight_layout()
 plt.show()
 
