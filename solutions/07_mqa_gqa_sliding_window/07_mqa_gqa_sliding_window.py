@@ -430,8 +430,9 @@ for (pool_name, n_kv), (moved, accuracy, uptrained) in results.items():
 #
 # ## 4. Rotary position embeddings
 #
-# Every Llama-family model encodes positions the same way, and a sliding window only makes
-# sense with it, so we need it before we go on. Su et al. (2021), *RoFormer: Enhanced
+# Every Llama-family model encodes positions the same way, and it suits a sliding window:
+# with relative positions a query sees its window alike wherever it stands, and a cached key
+# never changes. Su et al. (2021), *RoFormer: Enhanced
 # Transformer with Rotary Position Embedding*, rotate each query and key by an angle
 # proportional to its position. Cut a head's $D$ channels into $D/2$ pairs; pair $i$ of the
 # query at position $m$ is rotated by the angle $m\,\theta_i$, with $\theta_i =
