@@ -12,8 +12,8 @@ At n = 16384 tokens and a window of W = 512 (batch 1, 4 heads of 64, float32), o
 
 Time is the median of a few runs. Peak memory is the extra memory a call needs on top of its
 inputs: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the growth of the process's
-peak resident set, each variant measured in a fresh process of its own. Prints a markdown
-table and writes it to ``benchmarks/out/sliding_window.md``; ``python
+peak resident set (``VmHWM``, Linux), each variant in a fresh process of its own. Prints a
+markdown table and writes it to ``benchmarks/out/sliding_window.md``; ``python
 benchmarks/bench_sliding_window.py``, or :func:`run` from the report.
 """
 
@@ -60,6 +60,12 @@ def variants(n: int, device: torch.device) -> dict:
     return calls
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory so far (Linux's VmHWM), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+
+
 def peak_extra_mib(name: str, n: int) -> float:
     """Extra memory (MiB) one call of variant ``name`` needs at length n, beyond its inputs."""
     device = get_device()
@@ -71,12 +77,13 @@ def peak_extra_mib(name: str, n: int) -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    script = ("import json, resource, sys; sys.path.insert(0, sys.argv[3]); "
+    # VmHWM (peak RSS, KiB) of the fresh process: ru_maxrss would start at the parent's peak,
+    # which Linux carries over a fork and exec
+    script = ("import json, sys; sys.path.insert(0, sys.argv[3]); "
               "import bench_sliding_window as b; import torch; "
               "fn = b.variants(int(sys.argv[2]), torch.device('cpu'))[sys.argv[1]]; "
-              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; fn(); "
-              "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-              "print(json.dumps((after - before) / 1024))")  # ru_maxrss is in KiB on Linux
+              "before = b.peak_rss_kib(); fn(); "
+              "print(json.dumps((b.peak_rss_kib() - before) / 1024))")
     result = subprocess.run([sys.executable, "-c", script, name, str(n),
                              str(Path(__file__).parent)], capture_output=True, text=True,
                             check=True)
