@@ -1,16 +1,23 @@
 """The course's Llama against Hugging Face's ``LlamaForCausalLM`` and ``MistralForCausalLM``,
 an oracle nobody here wrote: small random configs built offline, weights loaded with
 ``Llama.from_hf``, then logits and greedy tokens compared, for GQA, MQA, a head_dim that is
-not d_model / n_heads, a RoPE base, biases, tied embeddings and Mistral's sliding window."""
+not d_model / n_heads, a RoPE base, biases, tied embeddings and Mistral's sliding window; and
+helpers.rope against Hugging Face's own RoPE."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+try:  # part of the test extra: CI must never silently lose its external references
+    import transformers
+    from transformers.models.llama import modeling_llama
+except ImportError as error:
+    raise ImportError("the oracle tests need Hugging Face transformers, part of the test extra: "
+                      "pip install -e '.[test]'") from error
 
 from helpers.kv_cache import KVCache  # noqa: E402
+from helpers.rope import apply_rope, rope, rope_cos_sin  # noqa: E402
 from helpers.transformer import Llama  # noqa: E402
 
 VOCAB = 97
@@ -51,6 +58,21 @@ def make_mistral(attn: str = "eager") -> torch.nn.Module:
                                         attn_implementation=attn)
     torch.manual_seed(0)
     return jitter(transformers.MistralForCausalLM(config), seed=2)
+
+
+@pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (12, 500000.0), (64, 10000.0)])
+def test_rope_matches_hugging_face(head_dim, base):
+    config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                                      head_dim=head_dim, rope_theta=base)
+    rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    g = torch.Generator().manual_seed(head_dim)
+    q, k = torch.randn(2, 2, 4, 9, head_dim, generator=g)  # (B, H, L, D) each
+    positions = torch.tensor([0, 1, 2, 5, 17, 100, 1000, 4095, 30000])
+    cos, sin = rotary(q, positions[None])  # (1, L, D)
+    q_hf, k_hf = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(rope(q, positions, base), q_hf, atol=1e-5, rtol=1e-5)
+    ours_cos, ours_sin = rope_cos_sin(positions, head_dim, base)
+    torch.testing.assert_close(apply_rope(k, ours_cos, ours_sin), k_hf, atol=1e-5, rtol=1e-5)
 
 
 def assert_matches(ours: torch.Tensor, theirs: torch.Tensor) -> None:
