@@ -29,8 +29,8 @@ from timing import median_ms
 SHAPE = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=2, bos_token_id=None,
              eos_token_id=None, pad_token_id=None)
-WINDOW = 128
-FORWARD_LEN, PROMPT, NEW_TOKENS = 512, 64, 128
+WINDOW = 64
+FORWARD_LEN, PROMPT, NEW_TOKENS = 512, 64, 64
 REPEATS = 5
 OUT = Path(__file__).parent / "out" / "llama.md"
 
