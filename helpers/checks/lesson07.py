@@ -374,27 +374,29 @@ def local_global_mask(fn: Callable) -> None:
 
 
 class QuadraticTensors(TorchFunctionMode):
-    """Records the shape of the first tensor a torch call returns that is (L, L) or larger:
-    two of its dims at least L, or as many elements as B·H full (L, L) score matrices."""
+    """Records the shape of the first tensor a torch call returns with two dims of size at
+    least L: an (L, L) matrix of scores or a mask, whatever its other dims."""
 
-    def __init__(self, L: int, limit: int) -> None:
+    def __init__(self, L: int) -> None:
         super().__init__()
-        self.L, self.limit, self.found = L, limit, None
+        self.L, self.found = L, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor) and self.found is None and (
-                    sum(size >= self.L for size in value.shape) >= 2
-                    or value.numel() >= self.limit):
+            if (isinstance(value, torch.Tensor) and self.found is None
+                    and sum(size >= self.L for size in value.shape) >= 2):
                 self.found = tuple(value.shape)
         return out
 
 
-def quadratic_tensor(run: Callable[[], object], L: int, limit: int
-                     ) -> tuple[object, tuple[int, ...] | None]:
-    """``run()``'s result, and the shape of a tensor it made that grows as L² (or None)."""
-    with QuadraticTensors(L, limit) as mode:
+def quadratic_tensor(run: Callable[[], object], L: int) -> tuple[object, tuple[int, ...] | None]:
+    """``run()``'s result, and the shape of an (L, L)-sized tensor it made (or None).
+
+    The other dims of a legitimate banded computation (batch, heads, blocks, window, head
+    size) must all be below L for this to tell them apart.
+    """
+    with QuadraticTensors(L) as mode:
         result = run()
     return result, mode.found
 
@@ -418,14 +420,14 @@ def banded_attention(fn: Callable) -> None:
                 "window (F.pad(x, (0, 0, front, back)) pads dim -2), then "
                 "unfold(2, 2 * window - 1, window)")
         out, quadratic = _run_without(name, lambda: quadratic_tensor(
-            lambda: call(fn, q, k, v, window, name=name, hint=hint), L, B * H * L * L),
+            lambda: call(fn, q, k, v, window, name=name, hint=hint), L),
             torch_functions=ATTENTION_FUNCTIONS,
             helpers=["helpers.attention.sliding_window_mask", *ATTENTION_HELPERS])
         out = expect_tensor(out, name)
         expect_shape(out, (B, H, L, D), name, "one output per query, (B, H, L, D)")
         if L > 2 * window:
             expect(quadratic is None, f"{name}: a tensor of shape {quadratic} was built, an "
-                   f"(L, L) = ({L}, {L}) matrix or as large: score each block of queries against "
+                   f"(L, L) = ({L}, {L}) matrix: score each block of queries against "
                    "its own 2W - 1 keys only (that is the point: O(L·W), not O(L²))")
         expected = _masked(q, k, v, window)
         if is_close(out, expected):

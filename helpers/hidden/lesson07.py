@@ -190,8 +190,7 @@ def banded_attention(student: Callable) -> None:
         q, k, v = (_randn(generator, B, H, L, D, dtype=dtype) for _ in range(3))
         with forbid(torch_functions=visible.ATTENTION_FUNCTIONS,
                     helpers=["helpers.attention.sliding_window_mask", *visible.ATTENTION_HELPERS]):
-            out, quadratic = visible.quadratic_tensor(lambda: student(q, k, v, window), L,
-                                                      B * H * L * L)
+            out, quadratic = visible.quadratic_tensor(lambda: student(q, k, v, window), L)
         what = (f"banded_attention, q {tuple(q.shape)}, window {window}, {dtype}, seed {seed}")
         _expect(quadratic is None, f"{what}: a tensor of shape {quadratic} was built, as large "
                 "as an (L, L) matrix: the banded computation must stay O(L·W)")
