@@ -14,12 +14,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
                             expect_tensor, is_close, passed)
 from helpers.device import get_device
-from helpers.hidden._core import ShortcutUsed, forbid, fresh_import
+from helpers.hidden._core import ShortcutUsed, forbid, fresh_import, record_shapes
 
 ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
 ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
@@ -373,32 +372,17 @@ def local_global_mask(fn: Callable) -> None:
 # --- 7. banded attention -------------------------------------------------------------------
 
 
-class QuadraticTensors(TorchFunctionMode):
-    """Records the shape of the first tensor a torch call returns with two dims of size at
-    least L: an (L, L) matrix of scores or a mask, whatever its other dims."""
-
-    def __init__(self, L: int) -> None:
-        super().__init__()
-        self.L, self.found = L, None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if (isinstance(value, torch.Tensor) and self.found is None
-                    and sum(size >= self.L for size in value.shape) >= 2):
-                self.found = tuple(value.shape)
-        return out
-
-
 def quadratic_tensor(run: Callable[[], object], L: int) -> tuple[object, tuple[int, ...] | None]:
-    """``run()``'s result, and the shape of an (L, L)-sized tensor it made (or None).
+    """``run()``'s result, and the shape of a tensor it made with two dims of at least L (an
+    (L, L) matrix of scores or a mask, whatever its other dims), or None.
 
     The other dims of a legitimate banded computation (batch, heads, blocks, window, head
     size) must all be below L for this to tell them apart.
     """
-    with QuadraticTensors(L) as mode:
+    with record_shapes() as shapes:
         result = run()
-    return result, mode.found
+    return result, next((shape for shape in shapes if sum(size >= L for size in shape) >= 2),
+                        None)
 
 
 def _masked(q, k, v, window: int, scale: float | None = None) -> torch.Tensor:
