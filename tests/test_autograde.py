@@ -148,15 +148,32 @@ def test_infinite_loop_times_out_and_the_rest_is_graded_into_the_db_asked_for(tm
     assert not (out / "gradebook.db").exists(), "--db was ignored"
 
 
-def test_kernel_crash_is_recorded_and_leaves_no_partial_grade(graded):
-    from nbgrader.api import Gradebook, MissingEntry
-
+def test_a_kernel_crash_costs_only_the_crashing_cell(graded):
+    """The first answer kills the kernel: it and the test that needs it score 0, every
+    other exercise is graded, and the notes name the cell."""
     out, table = graded
     row = table[("crasher", FAST.name)]
-    assert (row["status"], float(row["score"])) == ("crashed", 0.0)
+    assert row["status"] == "crashed"
+    assert f"cell {first_answer(FAST)} stopped the kernel" in row["notes"]
+    scores, perfect = exercise_scores(out, FAST, "crasher"), exercise_scores(out, FAST, "perfect")
+    assert scores == {**perfect, f"{first_answer(FAST)}-tests": 0}
+    assert float(row["score"]) == sum(scores.values()) > 0
+
+
+def test_grading_stopped_midway_leaves_no_partial_grade(tmp_path):
+    """A notebook that outlives --notebook-timeout is stopped whole: no nbgrader grade is
+    left behind for it, and the row says why."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    looping = answered_notebook(FAST, {first_answer(FAST): "while True:\n    pass"})
+    hand_in(tmp_path / "in", "looper", FAST, looping)
+    out, table = grade(tmp_path / "in", tmp_path / "out", [FAST], cell_timeout=600, notebook_timeout=5)
+    row = table[("looper", FAST.name)]
+    assert (row["status"], float(row["score"])) == ("timeout", 0.0)
+    assert "grading took longer than 5 s and was stopped" in row["notes"]
     with Gradebook(sqlite_url(out / "gradebook.db"), "attention-course") as gradebook:
         with pytest.raises(MissingEntry):
-            gradebook.find_submission(FAST.name, "crasher")
+            gradebook.find_submission(FAST.name, "looper")
 
 
 def test_deleted_and_edited_test_cells_are_graded_from_the_original(graded):

@@ -18,22 +18,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+from tqdm import tqdm
 
 from helpers.course.gradebook import CSV_COLUMNS, Gradebook, Row, database_url, shown, sqlite_url
 from helpers.course.grading import GradingResult, GradingTask, course_digest, cores_here, grade_task
 from helpers.course.lessons import CourseError, Lesson, find_lessons, nbgrader_api, nbgrader_failure
 from helpers.course.source import build_notebook, write_notebook
-from helpers.course.submissions import (Catalog, Entry, LessonPrint, Roster, Submission, collect,
-                                        prepare)
+from helpers.course.submissions import (Catalog, Collection, Entry, LessonPrint, Roster, Submission,
+                                        collect, prepare)
 
 __all__ = ["CSV_COLUMNS", "Row", "autograde", "sqlite_url", "summary_table"]
 
@@ -95,27 +95,28 @@ def prepare_lessons(course: Path, gradebook: Gradebook, lessons: list[Lesson], a
     return prepared
 
 
-def catalog_for(lessons: list[Lesson], prepared: dict[str, Prepared]) -> Catalog:
-    """Every lesson of the course, so a notebook of a lesson not graded now is named."""
-    prints = [prepared[name].print for name in prepared]
-    for lesson in find_lessons(lessons[0].root) if lessons else []:
-        if lesson.name not in prepared and lesson.student.is_file():
-            prints.append(LessonPrint.of(lesson.name, nbformat.read(lesson.student, as_version=4)))
-    return Catalog(prints)
+def catalog_for(lessons: list[Lesson]) -> Catalog:
+    """Every released lesson of the course, not only those graded now, so that a notebook of
+    another lesson is named as such rather than lost."""
+    everything = find_lessons(lessons[0].root) if lessons else []
+    return Catalog([LessonPrint.of(lesson.name, nbformat.read(lesson.student, as_version=4))
+                    for lesson in everything if lesson.student.is_file()])
 
 
 # --- where tasks run ---------------------------------------------------------------------
 
-def run_local(tasks: list[GradingTask], templates: dict[str, bytes], jobs: int) -> Iterator[tuple[GradingTask, GradingResult]]:
-    """Grade on this machine, ``jobs`` child processes at a time; results as they finish."""
+def run_local(tasks: dict[str, GradingTask], templates: dict[str, bytes],
+              jobs: int) -> Iterator[tuple[str, GradingResult]]:
+    """Grade on this machine, ``jobs`` child processes at a time; (name, result) as they finish."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(grade_task, task, templates[task.lesson]): task for task in tasks}
+        futures = {pool.submit(grade_task, task, templates[task.lesson]): name for name, task in tasks.items()}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
 
-def run_dask(tasks: list[GradingTask], templates: dict[str, bytes], address: str) -> Iterator[tuple[GradingTask, GradingResult]]:
-    """Grade on the workers of the Dask cluster at ``address``; results as they finish.
+def run_dask(tasks: dict[str, GradingTask], templates: dict[str, bytes],
+             address: str) -> Iterator[tuple[str, GradingResult]]:
+    """Grade on the workers of the Dask cluster at ``address``; (name, result) as they finish.
 
     A worker that dies mid-task has its tasks run again elsewhere by the scheduler; each
     task's result arrives here once.
@@ -134,8 +135,8 @@ def run_dask(tasks: list[GradingTask], templates: dict[str, bytes], address: str
         for worker in client.scheduler_info()["workers"].values():
             slots[worker["host"]] = slots.get(worker["host"], 0) + worker["nthreads"]
         shared = {lesson: client.scatter(template, broadcast=True) for lesson, template in templates.items()}
-        futures = {client.submit(grade_task, task, shared[task.lesson], slots, key=task.key, pure=False): task
-                   for task in tasks}
+        futures = {client.submit(grade_task, task, shared[task.lesson], slots, key=task.key, pure=False): name
+                   for name, task in tasks.items()}
         for future in finished(futures):
             try:
                 result = future.result()
@@ -161,8 +162,9 @@ def _feedback_page(page: str, notes: list[str]) -> str:
 
 
 def _row(submission: Submission, folder: str, result: GradingResult, out: Path, max_score: float,
-         cell_timeout: int) -> tuple[Row, bool]:
-    """Turn a grading result into the student's row and files; True when graded."""
+         cell_timeout: int, identity: list[str]) -> tuple[Row, bool]:
+    """Turn a grading result into the student's row and files; True when graded. The
+    feedback carries the notes about the notebook; ``identity`` notes go to the row only."""
     lesson = submission.lesson
     feedback = out / "feedback" / folder / f"{lesson}.html"
     if result.success:
@@ -195,8 +197,8 @@ def _row(submission: Submission, folder: str, result: GradingResult, out: Path, 
             submission.flag("failed", f"nbgrader could not grade it: see logs/{log.name}")
         score = 0.0
     status = "+".join(submission.status) or "graded"
-    return Row(submission.student_id, lesson, score, max_score, status, "; ".join(submission.notes), folder), \
-        result.success
+    notes = "; ".join(submission.notes + identity)
+    return Row(submission.student_id, lesson, score, max_score, status, notes, folder), result.success
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -204,6 +206,54 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+@dataclass
+class Plan:
+    """What a run grades: one task per distinct notebook, and who handed each one in."""
+
+    tasks: dict[str, GradingTask] = field(default_factory=dict)  # fingerprint -> task
+    owners: dict[str, list[tuple[Submission, str]]] = field(default_factory=dict)  # -> (submission, folder)
+    unchanged: int = 0
+
+
+def _plan(found: Collection, folders: dict[str, str], prepared: dict[str, Prepared], gradebook: Gradebook,
+          out: Path, entries: list[Entry], cell_timeout: int, notebook_timeout: int, force: bool,
+          threads: int | None) -> Plan:
+    """Record what needs no run (invalid notebooks), skip what is unchanged since it was
+    graded, and make one task per distinct notebook for the rest."""
+    plan = Plan()
+    for submission in found.submissions:
+        folder, lesson = folders[submission.student_id], prepared[submission.lesson]
+        identity = found.students[submission.student_id].notes
+        if any(note.startswith("ambiguous") for note in identity):
+            submission.flag("ambiguous", "")
+        if submission.content is None:
+            digest = hashlib.sha256(submission.notebook.read_bytes()).hexdigest()
+            gradebook.record(Row(submission.student_id, lesson.name, 0.0, lesson.max_score,
+                                 "+".join(submission.status), "; ".join(submission.notes + identity), folder), digest)
+            entries.append(Entry(submission.shown, "graded", "not a valid notebook: scores 0",
+                                 submission.student_id, lesson.name))
+            continue
+        text = nbformat.writes(prepare(submission, lesson.released, lesson.print))
+        fingerprint = hashlib.sha256(f"{text}\0{lesson.version}\0{cell_timeout}".encode()).hexdigest()
+        before = gradebook.stored(folder, lesson.name)
+        if not force and before is not None and before.fingerprint == fingerprint \
+                and "failed" not in before.status.split("+") \
+                and (out / "feedback" / folder / f"{lesson.name}.html").is_file():
+            plan.unchanged += 1
+            entries.append(Entry(submission.shown, "unchanged", "graded before, unchanged since: not graded again "
+                                 "(--force re-grades)", submission.student_id, lesson.name))
+            continue
+        plan.owners.setdefault(fingerprint, []).append((submission, folder))
+        plan.tasks.setdefault(fingerprint, GradingTask(lesson.name, folder, text, cell_timeout, notebook_timeout,
+                                                       course_digest(), threads))
+    return plan
+
+
+def _write_manifest(out: Path, entries: list[Entry]) -> None:
+    _write_csv(out / "manifest.csv", ["file", "outcome", "student_id", "assignment", "reason"],
+               [entry.as_dict() for entry in sorted(entries, key=lambda e: e.file)])
 
 
 def autograde(submissions: Path, out: Path, lessons: list[Lesson], db_url: str | None = None,
@@ -220,67 +270,41 @@ def autograde(submissions: Path, out: Path, lessons: list[Lesson], db_url: str |
     nobody handed them in. Returns the rows of ``grades.csv`` and the files not graded.
     """
     started = time.monotonic()
+    if not submissions.is_dir():
+        raise FileNotFoundError(f"submissions folder not found: {submissions}")
     out.mkdir(parents=True, exist_ok=True)
+    scratch = out / "unpacked"
+    shutil.rmtree(scratch, ignore_errors=True)
+    found = collect(submissions, catalog_for(lessons), [lesson.name for lesson in lessons], scratch,
+                    Roster(roster) if roster else None)
+    shutil.rmtree(scratch, ignore_errors=True)
+    entries = list(found.entries)
+    if not found.students:
+        _write_manifest(out, entries)
+        return [], [f"{entry.file}: {entry.reason}" for entry in entries if entry.outcome == "skipped"]
     url = database_url(db_url, out)
     if url.startswith("sqlite:"):
         Path(url.split("///", 1)[1].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
     course = out / "course"
     with Gradebook(url) as gradebook:
         prepared = prepare_lessons(course, gradebook, lessons, set(asked or []))
-        scratch = out / "unpacked"
-        shutil.rmtree(scratch, ignore_errors=True)
-        found = collect(submissions, catalog_for(lessons, prepared), list(prepared), scratch,
-                        Roster(roster) if roster else None)
-        shutil.rmtree(scratch, ignore_errors=True)
         folders = gradebook.folders(sorted(found.students), {s: found.students[s].sources for s in found.students})
-        entries = list(found.entries)
 
-        groups: dict[str, list[tuple[Submission, str]]] = {}
-        tasks: dict[str, GradingTask] = {}
-        unchanged = 0
-        threads = max(1, cores_here() // max(1, jobs))
-        for submission in found.submissions:
-            folder, lesson = folders[submission.student_id], prepared[submission.lesson]
-            submission.notes += found.students[submission.student_id].notes
-            if any(note.startswith("ambiguous") for note in found.students[submission.student_id].notes):
-                submission.flag("ambiguous", "")
-            if submission.content is None:
-                digest = hashlib.sha256(submission.notebook.read_bytes()).hexdigest()
-                row = Row(submission.student_id, lesson.name, 0.0, lesson.max_score, "+".join(submission.status),
-                          "; ".join(submission.notes), folder)
-                gradebook.record(row, digest)
-                entries.append(Entry(submission.shown, "graded", "not a valid notebook: scores 0",
-                                     submission.student_id, lesson.name))
-                continue
-            text = nbformat.writes(prepare(submission, lesson.released, lesson.print))
-            fingerprint = hashlib.sha256(f"{text}\0{lesson.version}\0{cell_timeout}".encode()).hexdigest()
-            before = gradebook.stored(folder, lesson.name)
-            if not force and before is not None and before.fingerprint == fingerprint \
-                    and "failed" not in before.status.split("+") \
-                    and (out / "feedback" / folder / f"{lesson.name}.html").is_file():
-                unchanged += 1
-                entries.append(Entry(submission.shown, "unchanged", "graded before, unchanged since: not graded "
-                                     "again (--force re-grades)", submission.student_id, lesson.name))
-                continue
-            groups.setdefault(fingerprint, []).append((submission, folder))
-            tasks.setdefault(fingerprint, GradingTask(lesson.name, folder, text, cell_timeout, notebook_timeout,
-                                                      course_digest(), None if scheduler else threads))
-        if unchanged:
-            progress(f"{unchanged} notebooks unchanged since they were graded: not graded again (--force re-grades)")
-
-        by_task = {task.key: fingerprint for fingerprint, task in tasks.items()}
+        plan = _plan(found, folders, prepared, gradebook, out, entries, cell_timeout, notebook_timeout, force,
+                     None if scheduler else max(1, cores_here() // max(1, jobs)))
+        if plan.unchanged:
+            progress(f"{plan.unchanged} notebooks unchanged since they were graded: not graded again "
+                     "(--force re-grades)")
         templates = {name: p.template for name, p in prepared.items()}
-        runner = run_dask(list(tasks.values()), templates, scheduler) if scheduler \
-            else run_local(list(tasks.values()), templates, jobs)
-        from tqdm import tqdm
-
-        with tqdm(total=len(tasks), unit="notebook", disable=not bar, dynamic_ncols=True) as meter:
+        runner = run_dask(plan.tasks, templates, scheduler) if scheduler else run_local(plan.tasks, templates, jobs)
+        with tqdm(total=len(plan.tasks), unit="notebook", disable=not bar, dynamic_ncols=True) as meter:
             say = meter.write if bar else progress
-            for task, result in runner:
-                for submission, folder in groups[by_task[task.key]]:
+            for fingerprint, result in runner:
+                for submission, folder in plan.owners[fingerprint]:
                     lesson = prepared[submission.lesson]
-                    row, graded = _row(submission, folder, result, out, lesson.max_score, cell_timeout)
-                    gradebook.record(row, by_task[task.key] if graded or result.killed else "",
+                    row, graded = _row(submission, folder, result, out, lesson.max_score, cell_timeout,
+                                       found.students[submission.student_id].notes)
+                    gradebook.record(row, fingerprint if graded or result.killed else "",
                                      result.grades if graded else None, result.comments if graded else None)
                     entries.append(Entry(submission.shown, "graded", row.status, row.student_id, row.assignment))
                     say(f"  {row.student_id:<20} {row.assignment:<28} {row.score:g}/{row.max_score:g}  {row.status}")
@@ -288,16 +312,10 @@ def autograde(submissions: Path, out: Path, lessons: list[Lesson], db_url: str |
 
         rows = gradebook.rows()
         _write_csv(out / "grades.csv", CSV_COLUMNS, [row.as_dict() for row in rows])
-        from sqlalchemy import select
-
-        with gradebook.engine.connect() as db:
-            known = [{"student_id": r.student_id, "student_folder": r.folder, "sources": r.sources}
-                     for r in db.execute(select(gradebook.students).order_by(gradebook.students.c.student_id))]
-        _write_csv(out / "students.csv", ["student_id", "student_folder", "sources"], known)
-    _write_csv(out / "manifest.csv", ["file", "outcome", "student_id", "assignment", "reason"],
-               [entry.as_dict() for entry in sorted(entries, key=lambda e: e.file)])
-    graded_now = sum(len(groups[f]) for f in groups)
-    progress(f"graded {graded_now} notebooks ({len(tasks)} distinct) of {len(found.students)} students "
+        _write_csv(out / "students.csv", ["student_id", "student_folder", "sources"], gradebook.students_known())
+    _write_manifest(out, entries)
+    graded_now = sum(len(owners) for owners in plan.owners.values())
+    progress(f"graded {graded_now} notebooks ({len(plan.tasks)} distinct) of {len(found.students)} students "
              f"in {time.monotonic() - started:.0f} s")
     warnings = [f"{entry.file}: {entry.reason}" for entry in entries if entry.outcome == "skipped"]
     return rows, warnings

@@ -29,6 +29,7 @@ from helpers.course.lessons import CourseError, scripts_on_path
 COURSE_ID = "attention-course"
 LOCK_KEY = 0x61747463  # PostgreSQL advisory lock id of this course's graders
 SAFE_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+RESERVED = re.compile(r"^(?:con|prn|aux|nul|com\d|lpt\d)(?:\..*)?$", re.IGNORECASE)  # Windows devices
 
 
 @dataclass
@@ -72,7 +73,17 @@ def database_url(db: str | None, out: Path) -> str:
             raise CourseError(f"--db {db}: the gradebook must be a file that outlives the run")
         query = query if "timeout=" in query else "&".join(filter(None, [query, "timeout=120"]))
         return f"sqlite:///{Path(path).resolve()}?{query}"
+    scheme, _, rest = db.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+{_postgres_driver()}://{rest}"
     return db
+
+
+def _postgres_driver() -> str:
+    """The installed PostgreSQL driver (SQLAlchemy's default one differs between versions)."""
+    import importlib.util
+
+    return next((name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), "psycopg")
 
 
 def shown(url: str) -> str:
@@ -89,7 +100,7 @@ def safe_folder(student_id: str, taken: set[str]) -> str:
     """A folder name for a student: the id itself when it is plain ASCII and free (compared
     without case, for file systems that ignore it), else an ASCII spelling of it and a
     hash of the full id. ``taken`` holds the casefolded names already in use."""
-    if SAFE_FOLDER.match(student_id) and student_id.casefold() not in taken:
+    if SAFE_FOLDER.match(student_id) and not RESERVED.match(student_id) and student_id.casefold() not in taken:
         return student_id
     spelled = unicodedata.normalize("NFKD", student_id).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^A-Za-z0-9]+", "_", spelled).strip("_")[:40] or "student"
@@ -139,7 +150,7 @@ class Gradebook:
             self.engine = create_engine(url, future=True, pool_pre_ping=True)
         except ModuleNotFoundError as error:
             raise CourseError(f"the gradebook {shown(url)} needs the database driver {error.name}: "
-                              "pip install 'attention-course[cluster]' (PostgreSQL: psycopg2)") from error
+                              "pip install 'attention-course[cluster]' (it brings psycopg for PostgreSQL)") from error
         except ArgumentError as error:
             raise CourseError(f"--db {shown(url)} is not a database URL: {error}") from error
         self.metadata, self.students, self.grades, self.lessons = _tables()
@@ -212,6 +223,14 @@ class Gradebook:
                                                          sources=_merge("", mine)))
             rows = db.execute(select(self.students.c.student_id, self.students.c.folder))
             return {r.student_id: r.folder for r in rows if r.student_id in set(student_ids)}
+
+    def students_known(self) -> list[dict[str, str]]:
+        """``students.csv``: each student's id as given, their folder, and how they were found."""
+        from sqlalchemy import select
+
+        with self.engine.connect() as db:
+            return [{"student_id": r.student_id, "student_folder": r.folder, "sources": r.sources}
+                    for r in db.execute(select(self.students).order_by(self.students.c.student_id))]
 
     # --- lessons --------------------------------------------------------------------------
 

@@ -465,37 +465,51 @@ def _read(path: Path) -> tuple[nbformat.NotebookNode | None, str]:
 
 
 def _containers(candidates: list[_Candidate], folders: list[tuple[str, ...]], lessons: list[str]) -> set:
-    """Path prefixes that hold several students rather than naming one."""
+    """Path prefixes that hold several students rather than naming one: SUBMISSIONS, a
+    ``submitted/`` or lesson folder, or a folder or zip that holds several students."""
+    children: dict[tuple, list[tuple]] = defaultdict(list)
+    for parts in folders:
+        children[parts[:-1]].append(parts)
+    loose: dict[tuple, list[_Candidate]] = defaultdict(list)
+    for c in candidates:
+        loose[c.found.parts[:-1]].append(c)
+    several_memo: dict[tuple, bool] = {}
+
+    def several(prefix: tuple[str, ...]) -> bool:
+        """Platform-named entries, or two children with a notebook of the same lesson; a
+        folder or zip that only wraps one folder (a zipped folder) holds what that one does."""
+        if prefix in several_memo:
+            return several_memo[prefix]
+        mine = loose[prefix]
+        if any(_is_platform_named(c.found.parts[-1]) for c in mine) or \
+                any(MOODLE.match(normalise(f[-1])) for f in children[prefix]):
+            answer = True
+        elif len(children[prefix]) == 1 and not mine:
+            answer = several(children[prefix][0])
+        else:
+            providers: dict[str, set[str]] = defaultdict(set)
+            for c in candidates:
+                parts = c.found.parts
+                if c.lesson is None or parts[:len(prefix)] != prefix or len(parts) <= len(prefix):
+                    continue
+                if len(parts) > len(prefix) + 1:
+                    child = _clean_id(parts[len(prefix)])
+                    if child in lessons:
+                        continue
+                else:
+                    child = _without_lesson(strip_copy_marks(_stem(parts[-1]))[0], c.lesson)
+                if child:
+                    providers[c.lesson].add(child)
+            answer = any(len(names) > 1 for names in providers.values())
+        several_memo[prefix] = answer
+        return answer
+
     containers: set[tuple[str, ...]] = {()}
-    prefixes = sorted(set(folders) | {c.found.parts[:i] for c in candidates for i in range(1, len(c.found.parts))},
-                      key=len)
-    for prefix in prefixes:
+    for prefix in sorted(set(folders), key=len):
         if prefix[:-1] not in containers or MOODLE.match(normalise(prefix[-1])):
             continue
         name = _clean_id(prefix[-1])
-        below = [c for c in candidates if c.found.parts[:len(prefix)] == prefix and len(c.found.parts) > len(prefix)]
-        if name.casefold() in CLASS_FOLDERS or name in lessons:
-            containers.add(prefix)
-            continue
-        loose = [c for c in below if len(c.found.parts) == len(prefix) + 1]
-        children = [f for f in folders if f[:-1] == prefix]
-        if any(_is_platform_named(c.found.parts[-1]) for c in loose) or \
-                any(MOODLE.match(normalise(f[-1])) for f in children):
-            containers.add(prefix)
-            continue
-        providers: dict[str, set[str]] = defaultdict(set)
-        for c in below:
-            if c.lesson is None:
-                continue
-            if len(c.found.parts) > len(prefix) + 1:
-                child = _clean_id(c.found.parts[len(prefix)])
-                if child in lessons or child.casefold() in CLASS_FOLDERS:
-                    continue
-            else:
-                child = _without_lesson(strip_copy_marks(_stem(c.found.parts[-1]))[0], c.lesson)
-            if child:
-                providers[c.lesson].add(child)
-        if any(len(children) > 1 for children in providers.values()):
+        if name.casefold() in CLASS_FOLDERS or name in lessons or several(prefix):
             containers.add(prefix)
     return containers
 
