@@ -4,7 +4,7 @@ is dropped or merged, every file is accounted for, and the bookkeeping survives 
 
 The identity tests read folders only (no notebook runs); one session fixture grades the
 class with nbgrader, and the tests read what it wrote. Identical notebooks are graded once,
-so the class costs five notebook runs.
+so the class costs a handful of notebook runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from helpers.course.submissions import Catalog, LessonPrint, Roster, collect, st
 
 from conftest import LESSONS, ROOT, lesson_named
 
-pytestmark = pytest.mark.xdist_group("autograde")
+pytestmark = pytest.mark.xdist_group("grading-class")  # one worker grades the class, once
 
 RNN, QKV = lesson_named("01"), lesson_named("02")
 GRADED = [RNN, QKV, lesson_named("03")]  # nobody hands in 03: it must not be reported
@@ -503,7 +503,7 @@ def cluster():
     import logging
 
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=logging.ERROR) as local:
+                                  dashboard_address=":0", silence_logs=logging.ERROR) as local:
         yield local
 
 

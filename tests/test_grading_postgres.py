@@ -23,7 +23,7 @@ from helpers.course.release import answered_notebook
 
 from conftest import ROOT, lesson_named
 
-pytestmark = pytest.mark.xdist_group("autograde")
+pytestmark = pytest.mark.xdist_group("grading-postgres")  # one server for the module
 
 RNN, QKV = lesson_named("01"), lesson_named("02")
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -56,18 +58,29 @@ def lesson_version(lesson: Lesson) -> str:
     return hashlib.sha256((source + course_digest()).encode()).hexdigest()[:32]
 
 
+def template_cache() -> Path:
+    """Where released lessons are kept between runs: ``$ATTENTION_COURSE_CACHE``, else the
+    user's cache folder. A template depends only on the lesson's version."""
+    base = os.environ.get("ATTENTION_COURSE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "attention-course" / "templates"
+
+
 def _template(lesson: Lesson, version: str, cache: Path) -> Path:
     """A scratch nbgrader course with the lesson released into its own SQLite gradebook."""
     folder = cache / f"{lesson.name}-{version[:16]}"
     if (folder / "gradebook.db").is_file():
         return folder
-    partial = folder.with_name(folder.name + ".partial")
+    partial = cache / f".{folder.name}-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(partial, ignore_errors=True)
     write_notebook(build_notebook(lesson.script), partial / "source" / lesson.name / f"{lesson.name}.ipynb")
     result = nbgrader_api(partial, sqlite_url(partial / "gradebook.db")).generate_assignment(lesson.name)
     if not result["success"]:
+        shutil.rmtree(partial, ignore_errors=True)
         raise CourseError(nbgrader_failure(f"set up {lesson.name}", result))
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:  # another grader made it first
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
@@ -78,7 +91,7 @@ def prepare_lessons(course: Path, gradebook: Gradebook, lessons: list[Lesson], a
     prepared = {}
     for lesson in lessons:
         version = lesson_version(lesson)
-        folder = _template(lesson, version, course / "templates")
+        folder = _template(lesson, version, template_cache())
         with NbgraderGradebook(sqlite_url(folder / "gradebook.db"), "attention-course") as template:
             max_score = float(template.find_assignment(lesson.name).max_score)
         released = nbformat.read(folder / "release" / lesson.name / f"{lesson.name}.ipynb", as_version=4)
