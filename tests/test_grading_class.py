@@ -32,7 +32,7 @@ from helpers.course.grading import cores_here, scrub_paths
 from helpers.course.release import answered_notebook
 from helpers.course.submissions import Catalog, LessonPrint, Roster, collect, strip_copy_marks
 
-from conftest import LESSONS, ROOT, lesson_named
+from conftest import LESSONS, ROOT, lesson_named, shared_once
 
 pytestmark = pytest.mark.xdist_group("grading-class")  # one worker grades the class, once
 
@@ -348,15 +348,21 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def grade_the_class(home: Path) -> None:
+    make_class(home / "class")
+    (home / "roster.csv").write_text(ROSTER, encoding="utf-8")
+    autograde(home / "class", home / "out", GRADED, jobs=2, cell_timeout=300, roster=home / "roster.csv",
+              progress=lambda line: None)
+
+
 @pytest.fixture(scope="session")
 def graded_class(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("class")
-    listed = make_class(folder)
-    roster = folder.parent / "roster.csv"
-    roster.write_text(ROSTER, encoding="utf-8")
-    out = tmp_path_factory.mktemp("class-out")
-    autograde(folder, out, GRADED, jobs=2, cell_timeout=300, roster=roster, progress=lambda line: None)
-    return {"folder": folder, "out": out, "roster": roster, "listed": listed,
+    """The class, graded once per test run; tests that grade again work on copies."""
+    home = shared_once(tmp_path_factory, "graded-class", grade_the_class)
+    with tempfile.TemporaryDirectory() as scratch:
+        listed = make_class(Path(scratch))
+    out = home / "out"
+    return {"folder": home / "class", "out": out, "roster": home / "roster.csv", "listed": listed,
             "grades": read_csv(out / "grades.csv"), "manifest": read_csv(out / "manifest.csv"),
             "students": read_csv(out / "students.csv")}
 
@@ -447,7 +453,8 @@ def test_each_kernel_gets_its_share_of_the_cores(graded_class):
 
 
 def test_a_rerun_changes_nothing_and_runs_nothing(graded_class, tmp_path):
-    out = graded_class["out"]
+    out = tmp_path / "out"
+    shutil.copytree(graded_class["out"], out)
     before = {p: p.stat().st_mtime_ns for p in (out / "course" / "autograded").rglob("*.ipynb")}
     autograde(graded_class["folder"], out, GRADED, jobs=2, cell_timeout=300, roster=graded_class["roster"],
               progress=lambda line: None)

@@ -10,7 +10,6 @@ import csv
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 
 from helpers.course.release import answered_notebook
 
-from conftest import ROOT, lesson_named
+from conftest import ROOT, free_port, lesson_named
 
 pytestmark = pytest.mark.xdist_group("grading-postgres")  # one server for the module
 
@@ -35,12 +34,6 @@ def postgres_binaries() -> Path | None:
         return found[-1].parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb and shutil.which("pg_ctl") else None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ one writer at a time; graders wait for each other instead of failing).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 import unicodedata
@@ -188,7 +189,7 @@ class Gradebook:
                 finally:
                     connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
                     connection.commit()
-        elif self.engine.dialect.name == "sqlite" and self.engine.url.database:
+        elif self.engine.dialect.name == "sqlite" and self.engine.url.database and os.name == "posix":
             import fcntl
 
             with open(f"{self.engine.url.database}.lock", "a") as handle:
