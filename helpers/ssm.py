@@ -20,7 +20,10 @@ In the order of the lesson:
 5. The Mamba language model: :class:`MambaMixer` (the sequence mixer), :class:`MambaBlock`
    (a residual layer around it), :class:`Mamba` with ``from_hf`` for Hugging Face's
    ``MambaForCausalLM``, and generation on a per-layer :class:`MambaState` (the last inputs of
-   the causal convolution and the SSM state: constant size, whatever the length).
+   the causal convolution and the SSM state: constant size, whatever the length). A block
+   called with a state continues from it and updates it in place, as a layer of
+   :class:`helpers.kv_cache.KVCache` is updated: a hybrid stack (lesson 11) keeps a
+   ``MambaState`` for each Mamba layer next to a KV cache for its attention layers.
 
 Shapes follow the Mamba paper and its reference code: ``u, delta: (batch, D, L)``,
 ``A: (D, N)``, ``B, C: (batch, N, L)``, ``D: (D,)``, where ``D`` counts channels, ``N`` the
@@ -570,7 +573,9 @@ class Mamba(nn.Module):
 
         The prompt runs once through the parallel scan and leaves each layer's state; every
         new token is then one recurrent step (greedy by default, sampling as
-        :func:`helpers.transformer.next_token`).
+        :func:`helpers.transformer.next_token`). ``states`` (fresh ones by default) are
+        updated in place; when given, idx holds the tokens they have not seen yet (the last
+        generated token is not fed back, so a later call can start from it).
         """
         states = self.empty_states(idx.shape[0], idx.device) if states is None else states
         fresh = idx

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import ssm
+from helpers.tasks import (IGNORE_INDEX, SELECTIVE_COPY_BLANK, SELECTIVE_COPY_MARKER,
+                           selective_copying_task)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 f64 = torch.float64
@@ -166,14 +168,19 @@ def test_selective_scan_equals_the_paper_written_out(method):
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 16, 64])
 def test_parallel_selective_scan_equals_sequential_with_gradients(chunk_size):
     inputs = [t.requires_grad_() for t in selective_inputs(2, 5, 6, 37, seed=14)]
+    h0 = rand(2, 5, 6, seed=15).requires_grad_()
     fast, fast_state = ssm.selective_scan(*inputs, method="parallel", chunk_size=chunk_size,
+                                          initial_state=h0, return_state=True)
+    slow, slow_state = ssm.selective_scan(*inputs, method="sequential", initial_state=h0,
                                           return_state=True)
-    slow, slow_state = ssm.selective_scan(*inputs, method="sequential", return_state=True)
     torch.testing.assert_close(fast, slow)
     torch.testing.assert_close(fast_state, slow_state)
-    weights = rand(*fast.shape, seed=15)
-    for got, expected in zip(torch.autograd.grad((fast * weights).sum(), inputs),
-                             torch.autograd.grad((slow * weights).sum(), inputs)):
+    weights, state_weights = rand(*fast.shape, seed=16), rand(2, 5, 6, seed=17)
+    for got, expected in zip(
+            torch.autograd.grad((fast * weights).sum() + (fast_state * state_weights).sum(),
+                                inputs + [h0]),
+            torch.autograd.grad((slow * weights).sum() + (slow_state * state_weights).sum(),
+                                inputs + [h0])):
         torch.testing.assert_close(got, expected)
 
 
@@ -345,3 +352,23 @@ def test_mamba_on_cuda_matches_cpu():
     gpu = model.to("cuda")
     torch.testing.assert_close(gpu(idx.cuda()).cpu(), expected)
     assert torch.equal(gpu.generate(idx.cuda(), 6).cpu(), model.cpu().generate(idx, 6))
+
+
+# --- the selective copying task -----------------------------------------------------------------
+
+def test_selective_copying_task_asks_for_the_data_tokens_in_order():
+    tokens, targets = selective_copying_task(64, 20, 4, 9, torch.Generator().manual_seed(35))
+    assert tokens.shape == targets.shape == (64, 24)
+    body, markers = tokens[:, :20], tokens[:, 20:]
+    assert bool((markers == SELECTIVE_COPY_MARKER).all())
+    is_data = body >= 2
+    assert bool((is_data.sum(1) == 4).all()) and bool((body[~is_data] == SELECTIVE_COPY_BLANK).all())
+    assert bool((targets[:, :20] == IGNORE_INDEX).all())
+    assert torch.equal(targets[:, 20:], body[is_data].view(64, 4))  # in the order they came
+    assert int(tokens.max()) <= 8
+    positions = is_data.float().argmax(dim=1)  # first data position varies between sequences
+    assert len(set(positions.tolist())) > 5
+    with pytest.raises(ValueError, match="n_data"):
+        selective_copying_task(1, 3, 4, 9)
+    with pytest.raises(ValueError, match="vocab_size"):
+        selective_copying_task(1, 5, 2, 2)

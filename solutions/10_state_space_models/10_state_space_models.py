@@ -472,7 +472,7 @@ plt.show()
 #
 # The simplest parallel scan doubles its reach each round (Hillis & Steele, 1986, *Data
 # Parallel Algorithms*). Before round $j$ each position holds the composition of the
-# $2^j$ steps ending at it (of fewer, near the start); round $j$ composes it with the
+# $2^j$ steps ending at it (or fewer, near the start); round $j$ composes it with the
 # position $k = 2^j$ to its left, so that it covers $2^{j+1}$ steps:
 #
 # $$ b_t \leftarrow a_t\, b_{t-k} + b_t, \qquad a_t \leftarrow a_t\, a_{t-k}
