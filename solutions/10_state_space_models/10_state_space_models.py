@@ -284,9 +284,10 @@ print(f"recurrent and convolutional forms, L = {u_lti.shape[-1]}: max |differenc
       f"{(y_loop - y_conv).abs().max():.1e} (outputs of size up to {y_loop.abs().max():.1f})")
 
 # %% [markdown]
-# The curves are straight lines on the log scale, and a step ten times smaller reaches about
-# ten times further (the printed step counts): an LTI SSM's memory is a design choice, not
-# an accident of saturation. S4 builds on this with structured $A$ matrices that hold long
+# After a quick initial drop (the fast states, large $n$, fade first), each curve is a
+# straight line on the log scale, the decay of its slowest state, and a step ten times
+# smaller reaches about ten times further (the printed step counts): an LTI SSM's memory is
+# a design choice, not an accident of saturation. S4 builds on this with structured $A$ matrices that hold long
 # memories (HiPPO, Gu et al., 2020, *HiPPO: Recurrent Memory with Optimal Polynomial
 # Projections*). And the two forms agree to rounding on long sequences: the convolution,
 # which has no loop over time, can replace the recurrence for training.
