@@ -283,3 +283,37 @@ def associative_recall_task(batch: int, n_pairs: int, vocab_size: int,
     targets = torch.full_like(tokens, IGNORE_INDEX)
     targets[:, 2 * n_pairs:] = values.gather(1, asked)
     return tokens.to(device), targets.to(device)
+
+
+SELECTIVE_COPY_BLANK, SELECTIVE_COPY_MARKER = 0, 1
+
+
+def selective_copying_task(batch: int, length: int, n_data: int, vocab_size: int,
+                           generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective copying (Gu & Dao, 2023, "Mamba: Linear-Time Sequence Modeling with Selective
+    State Spaces", section 3.1): remember the data tokens scattered among blanks, in order.
+
+    The first ``length`` positions are blanks (:data:`SELECTIVE_COPY_BLANK`, id 0) except
+    ``n_data`` data tokens in ``2 .. vocab_size - 1`` at random positions; then come
+    ``n_data`` markers (:data:`SELECTIVE_COPY_MARKER`, id 1), at which the model must name the
+    data tokens in their order. Where the data sit changes from sequence to sequence, so a
+    model must decide from a token's content, not its position, whether to keep it. Returns
+    ``tokens`` (batch, length + n_data) and ``targets`` (batch, length + n_data): the data
+    tokens at the markers, :data:`IGNORE_INDEX` elsewhere.
+    """
+    if not 1 <= n_data <= length:
+        raise ValueError(f"n_data should be in 1 .. length = {length}, got {n_data}")
+    if vocab_size < 3:
+        raise ValueError(f"vocab_size should be at least 3 (blank, marker, a data token), "
+                         f"got {vocab_size}")
+    where = torch.rand(batch, length, generator=generator).argsort(dim=1)[:, :n_data]
+    where = where.sort(dim=1).values  # (B, n_data): positions of the data, in order
+    data = 2 + torch.randint(vocab_size - 2, (batch, n_data), generator=generator)  # (B, n)
+    tokens = torch.full((batch, length + n_data), SELECTIVE_COPY_BLANK)
+    tokens.scatter_(1, where, data)
+    tokens[:, length:] = SELECTIVE_COPY_MARKER
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[:, length:] = data
+    return tokens.to(device), targets.to(device)
