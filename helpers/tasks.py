@@ -6,6 +6,8 @@ scored (the default ``ignore_index`` of ``torch.nn.functional.cross_entropy``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 IGNORE_INDEX = -100
@@ -244,3 +246,113 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, p: float = 
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens.long(), IGNORE_INDEX)
     return inputs, labels
+
+
+class AgreementGrammar:
+    """The words of a toy English with two agreements (lesson 03).
+
+    ``the [adj]* NOUN (PREP the [adj] NOUN)* <verb> ADJ . <pron> .``: the verb slot must be
+    filled with ``is`` or ``are``, agreeing in number with the subject (the first noun),
+    however many prepositional phrases with other nouns ("attractors", Linzen et al., 2016,
+    "Assessing the Ability of LSTMs to Learn Syntax-Sensitive Dependencies") stand between;
+    the pronoun slot with ``he``, ``she``, ``it`` or ``they``, agreeing with the subject, its
+    antecedent, in gender and number. Ids: ``<pad>``, the two slots, function words,
+    adjectives, prepositions, nouns (singular then plural of each), then the answers.
+    """
+
+    SPECIALS = ("<pad>", "<verb>", "<pron>")
+    pad_id, verb_id, pronoun_id = range(3)
+    ADJECTIVES = ("old", "tall", "young", "small")
+    PREPOSITIONS = ("near", "behind", "with")
+    NOUNS = (("man", "men", "he"), ("king", "kings", "he"), ("boy", "boys", "he"),
+             ("woman", "women", "she"), ("queen", "queens", "she"), ("girl", "girls", "she"),
+             ("dog", "dogs", "it"), ("car", "cars", "it"), ("tree", "trees", "it"))
+    VERBS = ("is", "are")
+    PRONOUNS = ("he", "she", "it", "they")
+    words = (SPECIALS + ("the", ".") + ADJECTIVES + PREPOSITIONS
+             + tuple(form for noun in NOUNS for form in noun[:2]) + VERBS + PRONOUNS)
+    the_id, stop_id = words.index("the"), words.index(".")
+    first_adjective, first_preposition = words.index("old"), words.index("near")
+    first_noun, first_verb = words.index("man"), words.index("is")
+    first_pronoun = words.index("he")
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """One sequence of ids (L,) as words, without the padding."""
+        return " ".join(self.words[i] for i in ids.tolist() if i != self.pad_id)
+
+
+class AgreementBatch(NamedTuple):
+    """What :func:`agreement_task` returns; each field is described there."""
+
+    inputs: torch.Tensor  # (B, L)
+    targets: torch.Tensor  # (B, L)
+    antecedent: torch.Tensor  # (B, L)
+    attracted: torch.Tensor  # (B,)
+
+# The longest sentence, one slot per word; _agreement_slots keeps some of them.
+_AGREEMENT_SLOTS = ("the", "adj", "adj", "subject", "prep", "the", "adj", "noun", "prep", "the",
+                    "adj", "noun", "<verb>", "adj", ".", "<pron>", ".")
+AGREEMENT_LENGTH = len(_AGREEMENT_SLOTS)
+
+
+def agreement_task(batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> AgreementBatch:
+    """Sentences of :class:`AgreementGrammar` with their two agreement slots to fill.
+
+    Each sentence draws 0 to 2 adjectives before its subject, 0 to 2 prepositional phrases
+    after it (each noun of any number and gender, with or without an adjective) and a
+    predicate adjective; sentences are padded at the end with ``<pad>``. Returns
+    ``inputs`` (batch, :data:`AGREEMENT_LENGTH`) word ids, the slots as ``<verb>`` and
+    ``<pron>``; ``targets`` (batch, L), the right word at the two slots (``is``/``are``, a
+    pronoun) and :data:`IGNORE_INDEX` elsewhere; ``antecedent`` (batch, L), the position of
+    the subject at the two slots (the word they agree with) and :data:`IGNORE_INDEX`
+    elsewhere; ``attracted`` (batch,), True where the noun nearest before the verb differs
+    from the subject in number, so that agreeing with the nearest noun is wrong.
+    """
+    g = AgreementGrammar
+    n_nouns = len(g.NOUNS)
+
+    def draw(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(high, (batch, *shape), generator=generator)
+
+    n_adjectives, n_phrases = draw(3), draw(3)  # (B,), (B,)
+    lemma, plural = draw(n_nouns, 3), draw(2, 3)  # (B, 3): the subject, then two attractors
+    nouns = g.first_noun + 2 * lemma + plural  # (B, 3)
+    adjectives = g.first_adjective + draw(len(g.ADJECTIVES), 5)  # (B, 5)
+    prepositions = g.first_preposition + draw(len(g.PREPOSITIONS), 2)  # (B, 2)
+    column = {name: torch.full((batch,), g.words.index(name)) for name in ("the", ".")}
+    column.update({"<verb>": torch.full((batch,), g.verb_id),
+                   "<pron>": torch.full((batch,), g.pronoun_id)})
+    slots = torch.stack([  # (B, S): every slot filled, some of them dropped below
+        column["the"], adjectives[:, 0], adjectives[:, 1], nouns[:, 0],
+        prepositions[:, 0], column["the"], adjectives[:, 2], nouns[:, 1],
+        prepositions[:, 1], column["the"], adjectives[:, 3], nouns[:, 2],
+        column["<verb>"], adjectives[:, 4], column["."], column["<pron>"], column["."]], dim=1)
+    keep = torch.ones_like(slots, dtype=torch.bool)  # (B, S)
+    keep[:, 1], keep[:, 2] = n_adjectives >= 1, n_adjectives >= 2
+    keep[:, 4:8] = (n_phrases >= 1)[:, None]
+    keep[:, 8:12] = (n_phrases >= 2)[:, None]
+    keep[:, 6] &= draw(2).bool()  # an adjective in a phrase, or not
+    keep[:, 10] &= draw(2).bool()
+    position = keep.long().cumsum(dim=1) - 1  # (B, S): where each kept slot lands
+    position = position.masked_fill(~keep, AGREEMENT_LENGTH)  # dropped slots: a spare column
+    inputs = torch.full((batch, AGREEMENT_LENGTH + 1), g.pad_id)
+    inputs.scatter_(1, position, slots)
+    inputs = inputs[:, :AGREEMENT_LENGTH]  # (B, L)
+
+    verb = g.first_verb + plural[:, 0]  # (B,): is / are
+    pronoun = torch.tensor([g.PRONOUNS.index(noun[2]) for noun in g.NOUNS])[lemma[:, 0]]
+    pronoun = g.first_pronoun + torch.where(plural[:, 0].bool(), len(g.PRONOUNS) - 1, pronoun)
+    rows = torch.arange(batch)
+    verb_at, pronoun_at = position[:, 12], position[:, 15]  # (B,)
+    targets = torch.full((batch, AGREEMENT_LENGTH), IGNORE_INDEX)
+    targets[rows, verb_at], targets[rows, pronoun_at] = verb, pronoun
+    antecedent = torch.full((batch, AGREEMENT_LENGTH), IGNORE_INDEX)
+    antecedent[rows, verb_at] = antecedent[rows, pronoun_at] = position[:, 3]
+    nearest = plural.gather(1, n_phrases[:, None])[:, 0]  # (B,): the last noun before the verb
+    attracted = nearest != plural[:, 0]
+    return AgreementBatch(inputs.to(device), targets.to(device), antecedent.to(device),
+                          attracted.to(device))
