@@ -157,23 +157,38 @@ def copy_sequences(vocab: ToyVocab, batch: int, n_tokens: int,
     return sequence[:, :-1].to(device), sequence[:, 1:].to(device)
 
 
-def _reverse(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _reverse(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) -> (B, N): the first ``lengths[b]`` symbols of row ``b`` in reverse order."""
     positions = torch.arange(words.shape[1])  # (N,)
     source = (lengths[:, None] - 1 - positions).clamp(min=0)  # (B, N)
-    return words.gather(1, source)
+    return words.gather(1, source), lengths
 
 
-def _sort(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _sort(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) -> (B, N): the first ``lengths[b]`` symbols of row ``b`` in ascending order."""
     beyond = torch.arange(words.shape[1]) >= lengths[:, None]  # (B, N)
-    return words.masked_fill(beyond, torch.iinfo(words.dtype).max).sort(dim=1).values
+    return words.masked_fill(beyond, torch.iinfo(words.dtype).max).sort(dim=1).values, lengths
 
 
-TEXT_TO_TEXT_TASKS = {
-    "copy": lambda words, lengths: words,
+def _summarize(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) -> (B, N) and the answer lengths (B,): each symbol of the first ``lengths[b]``
+    once, in the order of its first appearance; a shorter text whose length depends on the
+    whole input, as a summary's does."""
+    N = words.shape[1]
+    real = torch.arange(N) < lengths[:, None]  # (B, N)
+    same = words[:, :, None] == words[:, None, :]  # (B, N, N): word j equals word k
+    earlier = torch.ones(N, N, dtype=torch.bool).tril(-1)  # (N, N): k before j
+    repeated = (same & earlier & real[:, None, :]).any(dim=-1)  # (B, N)
+    first = real & ~repeated  # (B, N): the first appearances
+    order = (~first).int().sort(dim=1, stable=True).indices  # (B, N): first appearances first
+    return words.gather(1, order), first.sum(dim=1)
+
+
+TEXT_TO_TEXT_TASKS = {  # name -> (words (B, N), lengths (B,)) -> (answers, answer lengths)
+    "copy": lambda words, lengths: (words, lengths),
     "reverse": _reverse,
     "sort": _sort,
+    "summarize": _summarize,
 }
 
 
@@ -186,7 +201,10 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
 
     Each example draws a task from ``vocab.tasks`` and ``length`` symbols ``w``:
     ``input_ids`` (batch, max_len + 2) is ``task: w </s>`` then ``<pad>``; ``labels``
-    (batch, max_len + 1) is ``task(w) </s>`` then :data:`IGNORE_INDEX`.
+    (batch, max_len + 1) is ``task(w) </s>`` then :data:`IGNORE_INDEX`. ``copy``,
+    ``reverse`` and ``sort`` answer as many symbols as they read, like a word-for-word
+    translation; ``summarize`` keeps each symbol once, in order of first appearance, so its
+    answer is shorter when a symbol repeats.
     """
     if not vocab.tasks:
         raise ValueError("text_to_text needs a ToyVocab built with tasks, e.g. ('reverse', 'sort')")
@@ -194,9 +212,11 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=generator)  # (B,)
     words = vocab.first_symbol + torch.randint(vocab.n_symbols, (batch, max_len),
                                                generator=generator)  # (B, N)
-    answers = torch.stack([TEXT_TO_TEXT_TASKS[name](words, lengths)
-                           for name in vocab.tasks])  # (T, B, N)
+    answers, answer_lengths = zip(*(TEXT_TO_TEXT_TASKS[name](words, lengths)
+                                    for name in vocab.tasks))
+    answers = torch.stack(answers)  # (T, B, N)
     answers = answers.gather(0, task[None, :, None].expand(1, batch, max_len))[0]  # (B, N)
+    answer_lengths = torch.stack(answer_lengths).gather(0, task[None])[0]  # (B,)
     positions = torch.arange(max_len + 1)  # (N + 1,)
     is_word = positions < lengths[:, None]  # (B, N + 1)
     is_eos = positions == lengths[:, None]  # (B, N + 1)
@@ -205,8 +225,9 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
     source = source.masked_fill(is_eos, vocab.eos_id)
     prefix = torch.tensor([vocab.task_id(name) for name in vocab.tasks])[task]  # (B,)
     input_ids = torch.cat([prefix[:, None], source], dim=1)  # (B, N + 2)
-    labels = torch.cat([answers, end], dim=1).where(is_word, IGNORE_INDEX)  # (B, N + 1)
-    labels = labels.masked_fill(is_eos, vocab.eos_id)
+    is_answer = positions < answer_lengths[:, None]  # (B, N + 1)
+    labels = torch.cat([answers, end], dim=1).where(is_answer, IGNORE_INDEX)  # (B, N + 1)
+    labels = labels.masked_fill(positions == answer_lengths[:, None], vocab.eos_id)
     return input_ids.to(device), labels.to(device)
 
 
@@ -356,3 +377,28 @@ def agreement_task(batch: int, generator: torch.Generator | None = None,
     attracted = nearest != plural[:, 0]
     return AgreementBatch(inputs.to(device), targets.to(device), antecedent.to(device),
                           attracted.to(device))
+
+
+def broken_palindromes(vocab: ToyVocab, batch: int, half_len: int,
+                       generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tagging task on the MLM corpus: which symbols break the mirror?
+
+    Half the sequences are :func:`palindromes`; in the other half one symbol is replaced by
+    another, so that it and its mirror partner no longer match. Returns ``tokens``
+    (batch, 2 * half_len + 2) and ``labels`` of the same shape: 1 where a symbol differs from
+    its mirror partner, 0 where it matches, :data:`IGNORE_INDEX` on ``<cls>`` and ``<sep>``.
+    """
+    tokens = palindromes(vocab, batch, half_len, generator)  # (B, L)
+    L = tokens.shape[1]
+    rows = torch.arange(batch)
+    position = torch.randint(1, L - 1, (batch,), generator=generator)  # (B,): a symbol
+    shift = torch.randint(1, vocab.n_symbols, (batch,), generator=generator)  # never 0
+    replaced = vocab.first_symbol + (tokens[rows, position] - vocab.first_symbol + shift) % (
+        vocab.n_symbols)
+    broken = torch.rand(batch, generator=generator) < 0.5  # (B,)
+    tokens[rows, position] = torch.where(broken, replaced, tokens[rows, position])
+    labels = (tokens != tokens.flip(1)).long()  # (B, L): differs from its mirror partner
+    labels[:, 0] = labels[:, -1] = IGNORE_INDEX
+    return tokens.to(device), labels.to(device)

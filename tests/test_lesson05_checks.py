@@ -332,7 +332,7 @@ def test_verdicts_survive_patched_allclose_and_helpers(monkeypatch):
 
 def test_corpora_say_what_they_mean():
     g = torch.Generator().manual_seed(0)
-    vocab = tasks.ToyVocab(10, ("copy", "reverse", "sort"))
+    vocab = tasks.ToyVocab(10, ("copy", "reverse", "sort", "summarize"))
     tokens = tasks.palindromes(vocab, 4, 5, g)
     assert torch.equal(tokens[:, 1:-1], tokens[:, 1:-1].flip(1))
     inputs, targets = tasks.copy_sequences(vocab, 4, 5, g)
@@ -342,9 +342,14 @@ def test_corpora_say_what_they_mean():
     for source, target in zip(input_ids.tolist(), labels.tolist()):
         task = vocab.tasks[source[0] - vocab.task_id(vocab.tasks[0])]
         words = source[1:source.index(vocab.eos_id)]
-        answer = {"copy": words, "reverse": words[::-1], "sort": sorted(words)}[task]
-        assert target[:len(words) + 1] == answer + [vocab.eos_id]
-        assert all(t == IGNORE for t in target[len(words) + 1:])
+        answer = {"copy": words, "reverse": words[::-1], "sort": sorted(words),
+                  "summarize": list(dict.fromkeys(words))}[task]
+        assert target[:len(answer) + 1] == answer + [vocab.eos_id]
+        assert all(t == IGNORE for t in target[len(answer) + 1:])
+    summaries = [source for source in input_ids.tolist()
+                 if source[0] == vocab.task_id("summarize")]
+    assert any(len(set(s[1:s.index(vocab.eos_id)])) < s.index(vocab.eos_id) - 1
+               for s in summaries)  # some summaries are shorter than their input
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

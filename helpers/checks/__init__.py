@@ -110,6 +110,20 @@ def without_shortcuts(what: str, torch_functions: Iterable[str] = (),
         raise CheckFailed(f"{what}: {error}" + (f"\n{hint}" if hint else "")) from None
 
 
+def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
+            helpers: Iterable[str] = ()) -> Callable:
+    """``fn`` wrapped so that each call runs :func:`without_shortcuts`: for checks that call
+    the student's function in many places, between calls to the references they compare
+    with."""
+    torch_functions, helpers = tuple(torch_functions), tuple(helpers)
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
+            return fn(*args, **kwargs)
+    return run
+
+
 def expect_tensor(value: object, name: str) -> torch.Tensor:
     """Fail unless ``value`` is a tensor (a common slip: returning a tuple or a list)."""
     if not isinstance(value, torch.Tensor):
