@@ -17,15 +17,15 @@
 #   cross-attention to the encoder, trained to turn an input text into an output text.
 #
 # You will write the block, BERT's masking rule, GPT's loss and T5's decoder inputs, train a
-# tiny model of each family on a synthetic task (each training cell prints its time: a few
-# seconds on one CPU thread), fine-tune the BERT for a tagging task, and count the
-# parameters of the real models with the same formulas.
+# tiny model of each family on a synthetic task (each training cell prints how long it
+# took), fine-tune the BERT for a tagging task, and count the parameters of the real models
+# with the same formulas.
 
 # %%
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
 import copy
