@@ -40,6 +40,7 @@ from helpers.plotting import attention_heatmap, curves
 
 device = get_device()
 seed_everything(0)
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"running on {device}")
 
 # %% [markdown]

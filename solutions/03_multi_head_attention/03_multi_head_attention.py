@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import attention as ref
-from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
+from helpers.device import get_device, is_autograding, seed_everything
 from helpers.plotting import attention_heatmap, head_patterns
 from helpers.tasks import (AGREEMENT_LENGTH, IGNORE_INDEX, AgreementGrammar, agreement_task,
                            previous_and_first_token_task)
 
 generator = seed_everything(0)
 device = get_device()
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"running on {device}")
 
 # %% [markdown]
@@ -316,8 +317,8 @@ print(f"largest difference from nn.MultiheadAttention: {difference:.2e}")
 # comparison, with a single head of the same width, which has exactly as many parameters
 # (the count above does not depend on $h$), on the same number of batches. The models
 # multiply matrices of a few dozen rows: splitting such work over CPU threads costs more
-# than it saves, and on a busy machine far more, so training runs on one thread
-# (`helpers.device.one_cpu_thread`).
+# than it saves, and on a busy machine far more, which is why the lesson runs torch on one
+# thread (the imports cell).
 
 # %%
 VOCAB, LENGTH, D_MODEL, N_HEADS = 16, 12, 32, 4
@@ -349,16 +350,15 @@ class OneLayerModel(nn.Module):
 
 def train(model: nn.Module, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
           steps: int) -> nn.Module:
-    """`steps` Adam steps on fresh batches ``(tokens, targets)``, on one CPU thread."""
+    """`steps` Adam steps on fresh batches ``(tokens, targets)``."""
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    with one_cpu_thread():
-        for step in range(steps):
-            tokens, targets = batch()
-            logits, _ = model(tokens)  # (B, L, n_outputs, vocab)
-            loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    for step in range(steps):
+        tokens, targets = batch()
+        logits, _ = model(tokens)  # (B, L, n_outputs, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 2), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return model
 
 

@@ -39,13 +39,14 @@ from torch import nn
 
 from helpers import plotting, tasks
 from helpers.attention import MultiHeadAttention, causal_mask, padding_mask
-from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
+from helpers.device import get_device, is_autograding, seed_everything
 from helpers.tasks import IGNORE_INDEX, ToyVocab
 from helpers.transformer import GPT, T5, BertEncoder, TransformerBlock as ReferenceBlock
 
 device = get_device()
 generator = seed_everything(0)
 SHORT = is_autograding()  # the autograder trains for a few steps only
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"device: {device}; short training: {SHORT}")
 
 # %% [markdown]
@@ -263,25 +264,19 @@ print("labels   :", bert_vocab.decode(labels[0]))
 
 # %%
 def train(model: nn.Module, batch_loss, steps: int, lr: float) -> list[float]:
-    """AdamW on ``batch_loss(model) -> scalar`` for ``steps`` steps; the loss at each step.
-
-    The models multiply matrices of a few dozen rows: spread over several CPU threads, such
-    work spends more time waiting than computing, and on a busy machine far more, so
-    training runs on one thread.
-    """
+    """AdamW on ``batch_loss(model) -> scalar`` for ``steps`` steps; the loss at each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, start = [], time.time()
     model.train()
-    with one_cpu_thread():
-        for _ in range(steps):
-            loss = batch_loss(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    for _ in range(steps):
+        loss = batch_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     model.eval()
-    print(f"{type(model).__name__}: {steps} steps in {time.time() - start:.1f} s on one CPU "
-          f"thread, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    print(f"{type(model).__name__}: {steps} steps in {time.time() - start:.1f} s, "
+          f"final loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return losses
 
 
@@ -669,15 +664,16 @@ for verdict, index in (("right", int(right.nonzero()[0])), ("wrong", int((~right
 
 # %% [markdown]
 # Why are some answers wrong, and most right? The mistakes are not spread evenly: short
-# inputs come out (almost) always right, and the exact answers fall with the length of the
-# input, for two reasons the table separates. Each token is harder to get right in a
-# longer input ($p_n$ falls with $n$): more symbols to keep apart, and for `reverse:` a
-# position counted from an end that moves with the length. And an answer of $n$ symbols is
-# exact only if all its $n + 1$ tokens are right, so the mistakes compound: about
-# $p_n^{\,n+1}$ of the answers are exact (the last row; a task's own row differs by how hard
-# that task is). The lengths are drawn uniformly, so the many short, easy inputs carry the
-# overall score. The tiny model trains for a few hundred steps; longer training lifts $p_n$,
-# and the exact answers, which depend on its $(n+1)$-th power, rise faster still.
+# inputs come out (almost) always right, and the exact answers fall with the number $n$ of
+# symbols in the input, for two reasons the table separates. Each token is harder to get
+# right in a longer input: $p_n$ falls with $n$ (more symbols to keep apart and, for
+# `reverse:`, a position counted from an end that moves with the length). And an answer is
+# exact only if all its $n + 1$ tokens are right: if the mistakes fell independently, only
+# $p_n^{\,n+1}$ of the answers would be exact (the last row). More are, because mistakes
+# cluster: the decoder reads its own output, so one wrong token often puts the rest of
+# its answer off track, while the other answers stay clean. The lengths are drawn
+# uniformly, so the many short, easy inputs carry the overall score; the tiny model trains
+# for a few hundred steps, and training longer lifts $p_n$.
 
 # %% [markdown]
 # ## 5. The three families side by side
@@ -790,18 +786,23 @@ for name, (model, formula) in course_models.items():
     counted = sum(p.numel() for p in model.parameters())
     print(f"{name}: formula {formula:,}, counted in the module {counted:,}")
 
-real = [  # name, blocks, heads, d_model, parameters by the formulas, size in its paper
-    ("BERT-base", 12, 12, 768, bert_parameters(30522, 768, 12, 3072, 512), "110M"),
-    ("BERT-large", 24, 16, 1024, bert_parameters(30522, 1024, 24, 4096, 512), "340M"),
-    ("GPT-3", 96, 96, 12288, gpt_parameters(50257, 12288, 96, 4 * 12288, 2048), "175B"),
-    ("Llama 2 7B", 32, 32, 4096, llama_parameters(32000, 4096, 32, 32, 32, 11008), "7B"),
-    ("Llama 2 70B", 80, 64, 8192, llama_parameters(32000, 8192, 80, 64, 8, 28672), "70B"),
+real = [  # name, blocks, heads, d_model, parameters, of which embeddings, size in its paper
+    ("BERT-base", 12, 12, 768, bert_parameters(30522, 768, 12, 3072, 512),
+     (30522 + 512 + 2) * 768, "110M"),
+    ("BERT-large", 24, 16, 1024, bert_parameters(30522, 1024, 24, 4096, 512),
+     (30522 + 512 + 2) * 1024, "340M"),
+    ("GPT-3", 96, 96, 12288, gpt_parameters(50257, 12288, 96, 4 * 12288, 2048),
+     (50257 + 2048) * 12288, "175B"),
+    ("Llama 2 7B", 32, 32, 4096, llama_parameters(32000, 4096, 32, 32, 32, 11008),
+     2 * 32000 * 4096, "7B"),
+    ("Llama 2 70B", 80, 64, 8192, llama_parameters(32000, 8192, 80, 64, 8, 28672),
+     2 * 32000 * 8192, "70B"),
 ]
 print(f"\n{'model':12s} {'blocks':>6s} {'heads':>6s} {'heads in all':>12s} {'d_model':>7s} "
-      f"{'head dim':>8s} {'parameters':>16s} {'paper':>6s}")
-for name, blocks, heads, d, parameters, paper in real:
+      f"{'head dim':>8s} {'parameters':>16s} {'embeddings':>10s} {'paper':>6s}")
+for name, blocks, heads, d, parameters, embeddings, paper in real:
     print(f"{name:12s} {blocks:6d} {heads:6d} {blocks * heads:12,d} {d:7d} {d // heads:8d} "
-          f"{parameters:16,d} {paper:>6s}")
+          f"{parameters:16,d} {embeddings / parameters:10.1%} {paper:>6s}")
 ours = sum(p.numel() for p in bert.parameters())
 print(f"\nthis lesson's BERT: {ours:,} parameters; GPT-3 has {real[2][4] / ours:,.0f} times as "
       "many")
@@ -809,9 +810,9 @@ print(f"\nthis lesson's BERT: {ours:,} parameters; GPT-3 has {real[2][4] / ours:
 # %% [markdown]
 # Each head is small in all of them (a head dimension of 64 to 128), and the heads multiply
 # with depth: thousands of heads in the largest models, each one of the attentions of
-# lesson 03. How their parameters are spread also changes with size: the share of the
-# embeddings, large in BERT-base, becomes negligible at GPT-3's width, where the blocks'
-# $12 d^2$ per layer dominate.
+# lesson 03. How the parameters are spread changes with size: the embeddings, a large share
+# of BERT-base, are a small one of GPT-3 (the `embeddings` column), whose width makes the
+# blocks' $12 d^2$ per layer dominate.
 #
 # ## 7. Attention beyond text
 #
