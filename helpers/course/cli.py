@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +17,37 @@ from helpers.course.lessons import find_lessons, find_root
 
 
 def _lab(args: argparse.Namespace) -> int:
+    from helpers.course.lab import copy_notebook, run_lab
+
     root = find_root()
-    work = Path(args.dir).resolve() if args.dir else root / "my-work"
-    for lesson in find_lessons(root):
-        target = work / lesson.name
-        if not target.exists() and lesson.student.is_file():
-            target.mkdir(parents=True)
-            shutil.copy2(lesson.student, target / lesson.student.name)
-            print(f"copied {lesson.name} into {target}")
-    print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released)")
-    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={work}"] + args.jupyter_args
-    return subprocess.call(command, cwd=work)
+    if args.instructor:
+        work = Path(args.dir).resolve() if args.dir else root
+    else:
+        work = Path(args.dir).resolve() if args.dir else root / "my-work"
+        for lesson in find_lessons(root):
+            target = work / lesson.name
+            if not target.exists() and lesson.student.is_file():
+                target.mkdir(parents=True)
+                copy_notebook(lesson.student, target / lesson.student.name)
+                print(f"copied {lesson.name} into {target}")
+    if not work.is_dir():
+        raise FileNotFoundError(f"--dir {work} is not a folder")
+    jupyter_args = [f"--ServerApp.root_dir={work}"]
+    if args.port is not None:
+        jupyter_args.append(f"--ServerApp.port={args.port}")
+    if args.ip is not None:
+        jupyter_args.append(f"--ServerApp.ip={args.ip}")
+    if args.no_browser:
+        jupyter_args.append("--ServerApp.open_browser=False")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("running as root (a container or a cloud shell?): starting Jupyter with --allow-root")
+        jupyter_args.append("--ServerApp.allow_root=True")
+    if args.instructor:
+        print(f"opening JupyterLab on {work} with nbgrader's instructor tools (Formgrader, Create Assignment)")
+    else:
+        print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released); Ctrl-C stops it")
+    os.chdir(work)
+    return run_lab(jupyter_args + args.jupyter_args, instructor=args.instructor)
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -80,9 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    lab = commands.add_parser("lab", help="open JupyterLab on your own copy of the student notebooks "
-                                          "(other options go to jupyter lab, e.g. --no-browser)")
-    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder)")
+    lab = commands.add_parser(
+        "lab", help="open JupyterLab on your own copy of the student notebooks",
+        description="Open JupyterLab on your own copy of the student notebooks (my-work/), with a "
+                    "student's tools only. Ctrl-C stops it. As root (Docker, cloud shells) it starts "
+                    "Jupyter with --allow-root. Options it does not know go to Jupyter, e.g. "
+                    "--IdentityProvider.token=SECRET.")
+    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder; "
+                                   "with --instructor: the course folder)")
+    lab.add_argument("--port", type=int, help="port to serve on (default: Jupyter's 8888, or the next free one)")
+    lab.add_argument("--ip", help="address to listen on (default: localhost only; "
+                                  "0.0.0.0 inside Docker, with docker run -p 8888:8888)")
+    lab.add_argument("--no-browser", action="store_true",
+                     help="do not open a browser; open the printed URL yourself")
+    lab.add_argument("--instructor", action="store_true",
+                     help="show nbgrader's instructor tools (Formgrader, Create Assignment, course list)")
     lab.set_defaults(run=_lab)
 
     release = commands.add_parser("release", help="rebuild solution and student notebooks from the lesson scripts")

@@ -301,19 +301,20 @@ print(f"uniform weights over {N_KEYS} keys would give a max weight of {1 / N_KEY
 print(f"at d_k = {D_KS[-1]} the gradient reaching unscaled scores is "
       f"{gradient_norm[scaled][-1] / gradient_norm[unscaled][-1]:.1f}x smaller than with scaling")
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+fig, axes = plt.subplots(1, 3, figsize=(10, 4), layout="constrained")
 curves(D_KS, variance, "head dimension d_k", "Var(q·k) over random pairs",
-       "unscaled variance grows like d_k; scaled stays 1", ax=axes[0], log_x=True, log_y=True)
+       "unscaled variance grows\nlike d_k; scaled stays 1", ax=axes[0], log_x=True, log_y=True)
 curves(D_KS, max_weight, "head dimension d_k", f"mean largest weight over {N_KEYS} keys",
-       "unscaled softmax saturates toward one-hot", ax=axes[1], log_x=True)
+       "unscaled softmax saturates\ntoward one-hot", ax=axes[1], log_x=True)
 axes[1].axhline(1 / N_KEYS, color="gray", linestyle="--", label=f"uniform: 1/{N_KEYS}")
 axes[1].set_ylim(0, 1.05)
-axes[1].legend()
 curves(D_KS, gradient_norm, "head dimension d_k", "mean ‖Jᵀu‖, gradient at the scores",
-       "unscaled: less gradient reaches the scores", ax=axes[2], log_x=True)
+       "unscaled: less gradient\nreaches the scores", ax=axes[2], log_x=True)
 axes[2].set_ylim(bottom=0)
+for ax in axes:  # one legend for the three panels, below them
+    ax.get_legend().remove()
+fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncols=3)
 fig.suptitle("dividing the scores by √d_k keeps the softmax responsive at every head size")
-fig.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -482,7 +483,7 @@ ax = curves(D_KS, entropy, "head dimension d_k", "mean entropy per query (nats)"
 ax.axhline(math.log(N_KEYS), color="gray", linestyle="--",
            label=f"ln {N_KEYS}: uniform over {N_KEYS} keys")
 ax.set_ylim(bottom=0)
-ax.legend()
+ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes, clear of both curves
 plt.show()
 
 # %% [markdown]
