@@ -159,10 +159,10 @@ for b, n in enumerate(lengths.tolist()):
     if nan_positions:
         print(f"  sequence {b}, {n} of {S} real tokens: {nan_positions} of {S} outputs are NaN")
     else:
+        padding = f"{S - n} padding position" + ("s" if S - n > 1 else "")
         print(f"  sequence {b}, {n} of {S} real tokens: differs from the right output by "
               f"{(forgotten[b] - ours_out[b]).abs().max():.2f}, equals attention to its "
-              f"{S - n} padding positions alone (difference "
-              f"{(forgotten[b] - only_padding[b]).abs().max():.1e})")
+              f"{padding} alone (difference {(forgotten[b] - only_padding[b]).abs().max():.1e})")
 
 # %% [markdown]
 # ## Cross-attention
