@@ -269,6 +269,79 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, p: float = 
     return inputs, labels
 
 
+def associative_recall_task(batch: int, n_pairs: int, vocab_size: int,
+                            n_queries: int | None = None,
+                            generator: torch.Generator | None = None,
+                            device: torch.device | str | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-query associative recall, MQAR (Arora et al., 2023, "Zoology: Measuring and
+    Improving Recall in Efficient Language Models").
+
+    Each sequence lists ``n_pairs`` key-value pairs ``k_1 v_1 k_2 v_2 ...``, then asks
+    ``n_queries`` of the keys again (all of them when ``None``), in random order; at each
+    query the model must output the value that followed that key. Keys are ids
+    ``0 .. vocab_size // 2 - 1`` (distinct within a sequence), values
+    ``vocab_size // 2 .. vocab_size - 1``. Returns ``tokens`` and ``targets``
+    ``(batch, 2 * n_pairs + n_queries)``: the value at each query, :data:`IGNORE_INDEX`
+    elsewhere. The draws come from ``generator`` (on its device). Recalling every pair needs a memory that grows with ``n_pairs``: attention
+    looks back at them all, a fixed-size state must squeeze them in.
+    """
+    n_keys = vocab_size // 2
+    n_queries = n_pairs if n_queries is None else n_queries
+    if not 1 <= n_pairs <= n_keys:
+        raise ValueError(f"n_pairs should be in 1 .. vocab_size // 2 = {n_keys} (the keys of "
+                         f"a sequence are distinct), got {n_pairs}")
+    if not 1 <= n_queries <= n_pairs:
+        raise ValueError(f"n_queries should be in 1 .. n_pairs = {n_pairs} (each query asks a "
+                         f"different key), got {n_queries}")
+    draw_on = generator.device if generator is not None else "cpu"
+    keys = torch.rand(batch, n_keys, generator=generator, device=draw_on).argsort(dim=1)
+    keys = keys[:, :n_pairs]  # (B, N): distinct keys in random order
+    values = n_keys + torch.randint(vocab_size - n_keys, (batch, n_pairs), generator=generator,
+                                    device=draw_on)  # (B, N)
+    asked = torch.rand(batch, n_pairs, generator=generator, device=draw_on).argsort(dim=1)
+    asked = asked[:, :n_queries]  # (B, Q): which pairs the queries ask for
+    pairs = torch.stack([keys, values], dim=2).flatten(1)  # (B, 2N): k_1 v_1 k_2 v_2 ...
+    tokens = torch.cat([pairs, keys.gather(1, asked)], dim=1)  # (B, 2N + Q)
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[:, 2 * n_pairs:] = values.gather(1, asked)
+    return tokens.to(device), targets.to(device)
+
+
+SELECTIVE_COPY_BLANK, SELECTIVE_COPY_MARKER = 0, 1
+
+
+def selective_copying_task(batch: int, length: int, n_data: int, vocab_size: int,
+                           generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective copying (Gu & Dao, 2023, "Mamba: Linear-Time Sequence Modeling with Selective
+    State Spaces", section 3.1): remember the data tokens scattered among blanks, in order.
+
+    The first ``length`` positions are blanks (:data:`SELECTIVE_COPY_BLANK`, id 0) except
+    ``n_data`` data tokens in ``2 .. vocab_size - 1`` at random positions; then come
+    ``n_data`` markers (:data:`SELECTIVE_COPY_MARKER`, id 1), at which the model must name the
+    data tokens in their order. Where the data sit changes from sequence to sequence, so a
+    model must decide from a token's content, not its position, whether to keep it. Returns
+    ``tokens`` (batch, length + n_data) and ``targets`` (batch, length + n_data): the data
+    tokens at the markers, :data:`IGNORE_INDEX` elsewhere.
+    """
+    if not 1 <= n_data <= length:
+        raise ValueError(f"n_data should be in 1 .. length = {length}, got {n_data}")
+    if vocab_size < 3:
+        raise ValueError(f"vocab_size should be at least 3 (blank, marker, a data token), "
+                         f"got {vocab_size}")
+    where = torch.rand(batch, length, generator=generator).argsort(dim=1)[:, :n_data]
+    where = where.sort(dim=1).values  # (B, n_data): positions of the data, in order
+    data = 2 + torch.randint(vocab_size - 2, (batch, n_data), generator=generator)  # (B, n)
+    tokens = torch.full((batch, length + n_data), SELECTIVE_COPY_BLANK)
+    tokens.scatter_(1, where, data)
+    tokens[:, length:] = SELECTIVE_COPY_MARKER
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[:, length:] = data
+    return tokens.to(device), targets.to(device)
+
+
 class AgreementGrammar:
     """The words of a toy English with two agreements (lesson 03).
 
@@ -312,6 +385,7 @@ class AgreementBatch(NamedTuple):
     targets: torch.Tensor  # (B, L)
     antecedent: torch.Tensor  # (B, L)
     attracted: torch.Tensor  # (B,)
+
 
 # The longest sentence, one slot per word; _agreement_slots keeps some of them.
 _AGREEMENT_SLOTS = ("the", "adj", "adj", "subject", "prep", "the", "adj", "noun", "prep", "the",

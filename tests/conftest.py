@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -92,3 +93,23 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | N
             pytest.fail(f"the lab exited ({process.returncode}) while waiting for {what}:\n{output}")
         time.sleep(0.2)
     pytest.fail(f"gave up waiting {timeout:.0f} s for {what}")
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once per test run, even when pytest-xdist spreads
+    the tests that need it over several workers: the others wait and reuse it. (xdist's
+    ``loadgroup`` does not keep a group on one worker under pytest 9.)"""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder

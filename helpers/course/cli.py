@@ -79,17 +79,29 @@ def _autograde(args: argparse.Namespace) -> int:
     if not submissions.is_dir():
         print(f"error: submissions folder not found: {submissions.resolve()}", file=sys.stderr)
         return 2
+    if args.roster and not Path(args.roster).is_file():
+        print(f"error: roster not found: {Path(args.roster).resolve()}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
     lessons = find_lessons(find_root(), args.lessons)
-    rows, warnings = autograde(submissions, Path(args.out), lessons, db_url=args.db, jobs=args.jobs,
-                               cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout)
-    for warning in warnings:
-        print(f"warning: {warning}")
+    interactive = sys.stdout.isatty()
+    rows, skipped = autograde(submissions, out, lessons, db_url=args.db, jobs=args.jobs,
+                              cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout,
+                              roster=Path(args.roster) if args.roster else None, force=args.force,
+                              scheduler=args.scheduler, asked=[lesson.name for lesson in lessons]
+                              if args.lessons else None, bar=interactive)
+    for line in skipped[:20]:
+        print(f"not graded: {line}")
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more")
     if not rows:
-        print(f"error: no student submissions found in {submissions.resolve()}", file=sys.stderr)
+        print(f"error: no student submissions found in {submissions.resolve()} "
+              f"(see {out / 'manifest.csv'})", file=sys.stderr)
         return 2
     print()
     print(summary_table(rows))
-    print(f"\ngrades: {Path(args.out) / 'grades.csv'}   feedback: {Path(args.out) / 'feedback'}")
+    print(f"\ngrades: {out / 'grades.csv'}   feedback: {out / 'feedback'}   "
+          f"every file and what became of it: {out / 'manifest.csv'}")
     return 0
 
 
@@ -126,11 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     grade = commands.add_parser("autograde", help="grade a folder of submissions with nbgrader")
-    grade.add_argument("submissions", help="folder of <student>/<lesson>/<notebook>.ipynb, zips or loose files")
+    grade.add_argument("submissions", help="folder of student folders, zips (a class's too) or platform exports")
     grade.add_argument("--out", required=True, help="where grades.csv, feedback/ and the gradebook go")
-    grade.add_argument("--lesson", dest="lessons", action="append", help="grade only this lesson (repeatable)")
-    grade.add_argument("--db", help="gradebook SQLAlchemy URL (default: SQLite in --out)")
-    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="notebooks graded at once")
+    grade.add_argument("--lesson", dest="lessons", action="append",
+                       help="grade only this lesson (repeatable); it is reported for every student")
+    grade.add_argument("--db", help="gradebook: a SQLAlchemy URL such as postgresql://user@host/grades, or a "
+                                    "SQLite file (default: DIR/gradebook.db); relative paths are from here")
+    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="notebooks graded at once on this machine (default: one per core)")
+    grade.add_argument("--scheduler", metavar="ADDRESS",
+                       help="grade on a Dask cluster (tcp://host:8786) instead of this machine")
+    grade.add_argument("--roster", help="CSV with a student_id column; its other columns hold the ids, "
+                                        "names and logins that platforms use for each student")
+    grade.add_argument("--force", action="store_true",
+                       help="grade again what is unchanged since it was last graded")
     grade.add_argument("--timeout", type=int, default=120, help="seconds a cell may run before it is interrupted")
     grade.add_argument("--notebook-timeout", type=int, default=1800,
                        help="seconds one notebook may take in all before its grading is stopped")
