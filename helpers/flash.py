@@ -386,7 +386,7 @@ class FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never lies
     def backward(ctx, dout: torch.Tensor, dlse: torch.Tensor
                  ) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors

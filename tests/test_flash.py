@@ -208,6 +208,13 @@ def test_gradcheck_float64(causal):
         lambda q, k, v: flash_attention_forward(q, k, v, causal, 0.7, 2, 3), (q, k, v))
 
 
+def test_a_second_derivative_raises_instead_of_lying():
+    q, k, v = (t.requires_grad_() for t in qkv((1, 2), 4, 5, 3, 3, seed=5))
+    (grad,) = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_backward_never_builds_an_l_by_s_matrix():
     """The recomputation backward works on (block_q, block_k) tiles: record every tensor the
     backward creates and check that none is as large as one head's (L, S) weights."""

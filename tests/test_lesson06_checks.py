@@ -295,6 +295,28 @@ def test_shortcuts_pass_visible_but_fail_hidden(hidden, check, shortcut):
     expect_hidden_failure(lambda: getattr(hidden, check)(shortcut), "ShortcutUsed")
 
 
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal=False):
+        out, lse = flash.flash_attention_reference(q, k, v, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*flash.flash_attention_backward(q, k, v, out, lse, dout, ctx.causal), None)
+
+
+def test_a_once_differentiable_answer_is_not_a_shortcut(hidden):
+    """helpers.flash.FlashAttention's backward is once_differentiable too: the tripwire must
+    not take a student's once_differentiable backward for the course's class."""
+    checks.flash_function(_OnceDifferentiable)
+    hidden.flash_function(_OnceDifferentiable)
+
+
 # --- a student cell that patched the kernel cannot change a hidden verdict --------------------
 
 def test_hidden_verdicts_survive_a_patched_kernel(monkeypatch, solution):

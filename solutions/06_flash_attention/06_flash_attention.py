@@ -73,16 +73,18 @@ def median_seconds(fn, repeats: int = 3) -> float:
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
+
 # %% [markdown]
 # ## 1. Attention's memory grows like $n^2$
 #
 # Standard attention, as lesson 02 wrote it, computes for each head
 #
-# $$ S = QK^\top \cdot \tfrac{1}{\sqrt{d}} \in \mathbb{R}^{L \times S}, \qquad
-#    P = \mathrm{softmax}(S), \qquad O = PV \in \mathbb{R}^{L \times d_v}, $$
+# $$ Z = QK^\top \cdot \tfrac{1}{\sqrt{d}} \in \mathbb{R}^{L \times S}, \qquad
+#    P = \mathrm{softmax}(Z), \qquad O = PV \in \mathbb{R}^{L \times d_v}, $$
 #
-# and keeps $S$ and $P$ in memory: autograd needs $P$ for the backward pass. $Q$, $K$, $V$
-# and $O$ grow like $n$ (the sequence length); $S$ and $P$ like $n^2$. The next cell prints
+# for $L$ queries and $S$ keys, and keeps the scores $Z$ and the weights $P$ in memory:
+# autograd needs $P$ for the backward pass. $Q$, $K$, $V$ and $O$ grow like $n$ (the
+# sequence length); $Z$ and $P$ like $n^2$. The next cell prints
 # how much memory the $n \times n$ matrix of one layer takes, in float32 with 8 heads, next
 # to the $Q$, $K$, $V$ it is computed from.
 
@@ -96,8 +98,9 @@ for n in (1_024, 8_192, 32_768, 131_072):
 
 
 # %% [markdown]
-# At 8k tokens the weights of a single layer already outweigh its inputs by an order of
-# magnitude; at 128k tokens (a long-context model today) they would fill several GPUs. And
+# At 8k tokens the weights of a single layer outweigh $Q$, $K$ and $V$ by the factor printed
+# above; at 128k tokens (a long-context model today) they are more than any single GPU
+# holds. And
 # nothing in the *output* needs them: each output row is a weighted average of the values,
 # and the weights of one row only need that row's scores. FlashAttention computes the rows'
 # averages without keeping any full row of weights at all.
@@ -134,10 +137,10 @@ print(f"one multiprocessor's SRAM holds M = {A100_SRAM_PER_SM // FLOAT16:,} floa
 # rather than FLOPs.
 #
 # **Standard attention** (their Algorithm 0) runs as three kernels: read $Q$ and $K$, write
-# $S$; read $S$, write $P$; read $P$ and $V$, write $O$. Counting elements,
+# $Z$; read $Z$, write $P$; read $P$ and $V$, write $O$. Counting elements,
 #
-# $$ \text{standard} = \underbrace{Ld + Sd}_{\text{read } Q, K} + \underbrace{LS}_{\text{write } S}
-#    + \underbrace{2LS}_{\text{read } S, \text{ write } P} + \underbrace{LS + Sd_v}_{\text{read } P, V}
+# $$ \text{standard} = \underbrace{Ld + Sd}_{\text{read } Q, K} + \underbrace{LS}_{\text{write } Z}
+#    + \underbrace{2LS}_{\text{read } Z, \text{ write } P} + \underbrace{LS + Sd_v}_{\text{read } P, V}
 #    + \underbrace{Ld_v}_{\text{write } O} = Ld + Sd + 4LS + Sd_v + Ld_v . $$
 #
 # **Tiled attention** in FlashAttention-2's loop order (Dao, 2023, *FlashAttention-2: Faster
@@ -195,7 +198,7 @@ for block, counts in zip(BLOCKS, model):
           f"({counts.standard / 1e6:.1f} M)")
 microseconds = 1e6 * FLOAT16 / A100_HBM_BYTES_PER_S  # per element
 ax = curves(BLOCKS, {"tiled (FlashAttention-2 order)": [c.flash / 1e6 for c in model],
-                     "standard (writes S and P)": [standard_elements / 1e6] * len(BLOCKS)},
+                     "standard (writes Z and P)": [standard_elements / 1e6] * len(BLOCKS)},
             "query block size B_q (rows kept in SRAM)", "HBM reads + writes (M elements)",
             f"bigger query blocks, fewer passes over K and V (n = {N_MODEL}, d = {D_MODEL_HEAD})",
             log_x=True, log_y=True)
@@ -299,9 +302,9 @@ print(f"merged in a shuffled order vs all at once: max |difference| "
 #
 # 1. start from the empty state: $m = -\infty$, $\ell = 0$, $\mathrm{acc} = 0$ (one per row);
 # 2. for each key block $K_j, V_j$: compute the tile of scores
-#    $S_{ij} = Q_i K_j^\top \cdot \text{scale}$ ($B_q \times B_k$), and merge its state into
-#    the running one: $m_{\text{new}} = \max(m, \mathrm{rowmax}\, S_{ij})$,
-#    $P = e^{S_{ij} - m_{\text{new}}}$,
+#    $Z_{ij} = Q_i K_j^\top \cdot \text{scale}$ ($B_q \times B_k$), and merge its state into
+#    the running one: $m_{\text{new}} = \max(m, \mathrm{rowmax}\, Z_{ij})$,
+#    $P = e^{Z_{ij} - m_{\text{new}}}$,
 #    $\ell \leftarrow e^{m - m_{\text{new}}}\ell + \mathrm{rowsum}\,P$,
 #    $\mathrm{acc} \leftarrow e^{m - m_{\text{new}}}\mathrm{acc} + PV_j$;
 # 3. write $O_i = \mathrm{acc}/\ell$ and $\mathrm{lse}_i = m + \log \ell$.
@@ -500,19 +503,19 @@ print(f"n = {n_time}: causal forward {seconds[True] * 1e3:.0f} ms, full "
 # *faster* on a GPU, because reading $P$ back from HBM would take longer (Dao et al., 2022,
 # section 3.1).
 #
-# The gradients, for $O = PV$, $P = \mathrm{softmax}(S)$, $S = QK^\top \cdot$ scale and an
+# The gradients, for $O = PV$, $P = \mathrm{softmax}(Z)$, $Z = QK^\top \cdot$ scale and an
 # incoming gradient $dO$:
 #
 # $$ dV = P^\top dO, \qquad dP = dO\,V^\top, \qquad
-#    dS_{ij} = P_{ij}\,(dP_{ij} - \delta_i), \qquad
-#    dQ = dS\,K \cdot \text{scale}, \qquad dK = dS^\top Q \cdot \text{scale}, $$
+#    dZ_{ij} = P_{ij}\,(dP_{ij} - \delta_i), \qquad
+#    dQ = dZ\,K \cdot \text{scale}, \qquad dK = dZ^\top Q \cdot \text{scale}, $$
 #
 # where $\delta_i = \sum_j P_{ij}\, dP_{ij}$ is the softmax's correction (lesson 02's
 # Jacobian $\partial p_i / \partial s_j = p_i(\delta_{ij} - p_j)$ applied to $dP$). A row sum
 # over all keys sounds like it needs the whole row of $P$, but
 # $\sum_j P_{ij}\,(dO_i \cdot v_j) = dO_i \cdot \sum_j P_{ij} v_j = dO_i \cdot O_i$:
 # $\delta = \mathrm{rowsum}(dO \odot O)$, computed once from the saved output. Every other
-# formula is local to a tile: $P_{ij} = e^{S_{ij} - \mathrm{lse}_i}$ recomputed, then its
+# formula is local to a tile: $P_{ij} = e^{Z_{ij} - \mathrm{lse}_i}$ recomputed, then its
 # share of $dV_j$, $dK_j$ and $dQ_i$.
 #
 # FlashAttention-2's backward loops over key blocks outside, so that $dK_j$ and $dV_j$ are
@@ -654,7 +657,8 @@ for name, nbytes in step_bytes.items():
 # `F.scaled_dot_product_attention`, which on a CPU runs a FlashAttention-style kernel in
 # C++. Peak memory is the tensor memory each call holds at its worst
 # (`helpers.device.peak_memory`: on a GPU the allocator's peak, on the CPU the storages
-# every operator creates, until they are freed); time is the median of a few runs.
+# every operator creates, until they are freed, which misses the scratch space inside a
+# fused kernel such as SDPA's); time is the median of a few runs.
 
 # %%
 SIZES = [128, 256, 512] if SHORT else [256, 512, 1024, 2048]
@@ -669,6 +673,9 @@ VARIANTS = {
 
 mebibytes = {name: [] for name in VARIANTS}
 milliseconds = {name: [] for name in VARIANTS}
+short_names = [name.split(" (")[0] for name in VARIANTS]
+print(f"{'n':>5} | " + " | ".join(f"{name:>12} MiB, ms" for name in short_names)
+      + " | tiled vs SDPA max |difference|")
 with torch.inference_mode():
     for n in SIZES:
         q_n, k_n, v_n = (torch.randn(1, 4, n, 64, device=device) for _ in range(3))
@@ -677,11 +684,8 @@ with torch.inference_mode():
             milliseconds[name].append(1e3 * median_seconds(lambda: attend(q_n, k_n, v_n)))
         worst = (VARIANTS[f"tiled (helpers.flash, blocks {BLOCK})"](q_n, k_n, v_n)
                  - F.scaled_dot_product_attention(q_n, k_n, v_n)).abs().max().item()
-        print(f"n = {n:>5}: " + ", ".join(f"{name.split(' (')[0]} {mib:.1f} MiB, {ms:.1f} ms"
-                                          for name, mib, ms in zip(
-                                              VARIANTS, [mebibytes[v][-1] for v in VARIANTS],
-                                              [milliseconds[v][-1] for v in VARIANTS]))
-              + f"; tiled vs SDPA max |difference| {worst:.1e}")
+        print(f"{n:>5} | " + " | ".join(f"{mebibytes[name][-1]:>8.1f}, {milliseconds[name][-1]:>8.1f}"
+                                        for name in VARIANTS) + f" | {worst:.1e}")
 materialised, tiled = mebibytes["materialised (lesson 02)"], mebibytes[list(VARIANTS)[1]]
 print(f"at n = {SIZES[-1]} the tiled forward holds {materialised[-1] / tiled[-1]:.0f}x less "
       f"memory than the materialised one")
@@ -699,10 +703,11 @@ plt.show()
 # On the log-log axes a slope of 2 is $n^2$ growth. The materialised memory has it; the
 # tiled and fused memory grow like $n$ (their inputs and outputs) plus one tile. All three
 # times grow like $n^2$: FlashAttention does the same FLOPs as standard attention (a little
-# more in the backward). On a CPU, whose caches play the part of SRAM, the fused C++ kernel is
-# the fastest and the Python loop of tiles pays an interpreter cost per tile; on a GPU, where
-# standard attention is memory-bound, the fused tiled kernel is also several times faster
-# (Dao et al., 2022, report up to 7.6x on GPT-2's attention). The course's benchmark
+# more in the backward). On a CPU, whose caches play the part of SRAM, compare the printed
+# times: the fused C++ kernel does the tiled work without Python's cost per tile, and the
+# materialised version pays for writing and reading its $n \times n$ matrices. On a GPU,
+# where standard attention is memory-bound, the fused tiled kernel is also several times
+# faster (Dao et al., 2022, report up to 7.6x on GPT-2's attention). The course's benchmark
 # (`benchmarks/bench_flash.py`) measures the same at $n = 8192$.
 #
 # ## 9. A real kernel: FlashAttention in Triton (not graded)
