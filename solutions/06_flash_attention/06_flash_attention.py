@@ -47,7 +47,8 @@ from torch import Tensor
 
 from helpers import flash
 from helpers.attention import causal_mask, scaled_dot_product_attention
-from helpers.device import get_device, is_autograding, peak_memory, seed_everything
+from helpers.device import (get_device, is_autograding, one_cpu_thread, peak_memory,
+                            seed_everything)
 from helpers.plotting import attention_heatmap, curves
 
 device = get_device()
@@ -485,10 +486,11 @@ counts = flash.causal_block_counts(N_CAUSAL, N_CAUSAL, BLOCK_CAUSAL, BLOCK_CAUSA
 total_tiles = counts.computed + counts.skipped
 print(f"n = {N_CAUSAL}, {BLOCK_CAUSAL} x {BLOCK_CAUSAL} tiles: {counts.skipped} of "
       f"{total_tiles} skipped ({counts.skipped / total_tiles:.1%})")
-n_time = 512 if SHORT else 1024
+n_time = 512 if SHORT else 2048
 q_t, k_t, v_t = (torch.randn(1, 4, n_time, 64, device=device) for _ in range(3))
-seconds = {causal: median_seconds(lambda: flash.flash_attention_forward(
-    q_t, k_t, v_t, causal=causal, block_q=128, block_k=128)) for causal in (False, True)}
+with one_cpu_thread():  # one core for both: a fair count of the work, less noise
+    seconds = {causal: median_seconds(lambda: flash.flash_attention_forward(
+        q_t, k_t, v_t, causal=causal, block_q=128, block_k=128)) for causal in (False, True)}
 print(f"n = {n_time}: causal forward {seconds[True] * 1e3:.0f} ms, full "
       f"{seconds[False] * 1e3:.0f} ms ({seconds[False] / seconds[True]:.1f}x faster causal)")
 
@@ -658,7 +660,9 @@ for name, nbytes in step_bytes.items():
 # C++. Peak memory is the tensor memory each call holds at its worst
 # (`helpers.device.peak_memory`: on a GPU the allocator's peak, on the CPU the storages
 # every operator creates, until they are freed, which misses the scratch space inside a
-# fused kernel such as SDPA's); time is the median of a few runs.
+# fused kernel such as SDPA's); time is the median of a few runs, on one CPU thread for all
+# three, so that they compete on equal terms and other programs on the machine disturb them
+# less.
 
 # %%
 SIZES = [128, 256, 512] if SHORT else [256, 512, 1024, 2048]
@@ -676,7 +680,7 @@ milliseconds = {name: [] for name in VARIANTS}
 short_names = [name.split(" (")[0] for name in VARIANTS]
 print(f"{'n':>5} | " + " | ".join(f"{name:>12} MiB, ms" for name in short_names)
       + " | tiled vs SDPA max |difference|")
-with torch.inference_mode():
+with torch.inference_mode(), one_cpu_thread():
     for n in SIZES:
         q_n, k_n, v_n = (torch.randn(1, 4, n, 64, device=device) for _ in range(3))
         for name, attend in VARIANTS.items():
