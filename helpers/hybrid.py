@@ -30,6 +30,7 @@ several stacks against the context length, the same way for all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -49,6 +50,7 @@ from helpers.attention import (
     sliding_window_mask,
     split_heads,
 )
+from helpers.device import one_cpu_thread, peak_memory
 from helpers.kv_cache import KVCache, kv_cache_bytes
 from helpers.linear_attention import elu_feature_map, linear_attention
 from helpers.rope import apply_rope, rope_cos_sin
@@ -629,10 +631,10 @@ def compare_mechanisms(models: dict[str, Hybrid], contexts: Iterable[int], batch
     the prefill of n random tokens, timed per token with :func:`time_per_token` (the models
     take turns) and its peak memory; then one decode step after n tokens on
     :meth:`Hybrid.random_cache`, timed the same way, and the cache's bytes. The models should
-    be on one device and dtype. Returns one :class:`Measurement` per model and context.
+    be on one device and dtype; on a CPU all run on one torch thread, so that none gets more
+    cores than another (and the machine's other work disturbs them less). Returns one
+    :class:`Measurement` per model and context.
     """
-    from helpers.device import peak_memory
-
     contexts = list(contexts)
     prefill_contexts = set(contexts if prefill_contexts is None else prefill_contexts)
     first = next(iter(models.values())).lm_head.weight
@@ -640,25 +642,34 @@ def compare_mechanisms(models: dict[str, Hybrid], contexts: Iterable[int], batch
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     vocab = min(model.config.vocab_size for model in models.values())
     rows = []
-    for n in sorted(set(contexts) | prefill_contexts):
-        measured = {name: Measurement(name, n) for name in models}
-        if n in prefill_contexts:
-            prompt = torch.randint(vocab, (batch, n), generator=generator).to(device)
-            steps = {name: (lambda model=model: model(prompt, last_only=True))
-                     for name, model in models.items()}
-            for name, seconds in time_per_token(steps, n, repeats, 1, sync).items():
-                measured[name].prefill_s = seconds
-                measured[name].prefill_bytes = peak_memory(steps[name], device)
-        if n in contexts:
-            token = torch.randint(vocab, (batch, 1), generator=generator).to(device)
-            caches = {name: model.random_cache(batch, n, generator)
-                      for name, model in models.items()}
-            for name in models:
-                measured[name].cache_bytes = caches[name].nbytes
-            steps = {name: (lambda model=model, cache=caches[name]:
-                            model(token, cache=cache, last_only=True))
-                     for name, model in models.items()}
-            for name, seconds in time_per_token(steps, 1, repeats, 1, sync).items():
-                measured[name].decode_s = seconds
-        rows.extend(measured.values())
+    threads = one_cpu_thread() if device.type == "cpu" else contextlib.nullcontext()
+    with threads:
+        for n in sorted(set(contexts) | prefill_contexts):
+            rows.extend(_measure(models, n, n in prefill_contexts, n in contexts, batch, vocab,
+                                 repeats, device, sync, generator))
     return rows
+
+
+def _measure(models: dict[str, Hybrid], n: int, prefill: bool, decode: bool, batch: int,
+             vocab: int, repeats: int, device: torch.device, sync: Callable[[], None] | None,
+             generator: torch.Generator | None) -> list[Measurement]:
+    """:func:`compare_mechanisms` at one context length n."""
+    measured = {name: Measurement(name, n) for name in models}
+    if prefill:
+        prompt = torch.randint(vocab, (batch, n), generator=generator).to(device)
+        runs = {name: (lambda model=model: model(prompt, last_only=True))
+                for name, model in models.items()}
+        for name, seconds in time_per_token(runs, n, repeats, 1, sync).items():
+            measured[name].prefill_s = seconds
+            measured[name].prefill_bytes = peak_memory(runs[name], device)
+    if decode:
+        token = torch.randint(vocab, (batch, 1), generator=generator).to(device)
+        caches = {name: model.random_cache(batch, n, generator) for name, model in models.items()}
+        for name, cache in caches.items():
+            measured[name].cache_bytes = cache.nbytes
+        steps = {name: (lambda model=model, cache=caches[name]:
+                        model(token, cache=cache, last_only=True))
+                 for name, model in models.items()}
+        for name, seconds in time_per_token(steps, 1, repeats, 1, sync).items():
+            measured[name].decode_s = seconds
+    return list(measured.values())
