@@ -244,3 +244,30 @@ def mask_tokens(tokens: torch.Tensor, mask_id: int, vocab_size: int, p: float = 
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     labels = torch.where(chosen, tokens.long(), IGNORE_INDEX)
     return inputs, labels
+
+
+def rule_stream(batch: int, n_pairs: int, n_symbols: int = 16, n_rules: int = 4,
+                generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rule stated once at the start and applied to the end (lesson 09's eviction test).
+
+    Each sequence is ``<bos> rule x1 y1 x2 y2 ... xN yN``: ``x`` are random symbols, and
+    ``y = (x + offset[rule]) mod n_symbols`` with ``offset[r] = 1 + r * (n_symbols //
+    n_rules)``. Every answer depends on the second token, so a cache that evicts the first
+    tokens loses the rule. Ids: symbols ``0 .. n_symbols - 1``, rules ``n_symbols ..
+    n_symbols + n_rules - 1``, ``<bos>`` = ``n_symbols + n_rules``. Returns ``inputs``
+    (batch, 2N + 1) and ``targets`` (batch, 2N + 1), the next tokens, scored
+    (not :data:`IGNORE_INDEX`) only where they are a ``y``.
+    """
+    if not 1 <= n_rules <= n_symbols:
+        raise ValueError(f"need 1 <= n_rules <= n_symbols, got {n_rules} and {n_symbols}")
+    rules = torch.randint(n_rules, (batch,), generator=generator)  # (B,)
+    x = torch.randint(n_symbols, (batch, n_pairs), generator=generator)  # (B, N)
+    y = (x + 1 + rules[:, None] * (n_symbols // n_rules)) % n_symbols  # (B, N)
+    bos = torch.full((batch, 1), n_symbols + n_rules)  # (B, 1)
+    sequence = torch.cat([bos, n_symbols + rules[:, None],
+                          torch.stack([x, y], dim=-1).flatten(1)], dim=1)  # (B, 2N + 2)
+    inputs, targets = sequence[:, :-1], sequence[:, 1:].clone()
+    targets[:, 0] = IGNORE_INDEX  # the rule: not predictable
+    targets[:, 1::2] = IGNORE_INDEX  # the x: random
+    return inputs.to(device), targets.to(device)
