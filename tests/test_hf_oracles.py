@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+try:  # part of the test extra: CI must never silently lose its external references
+    import transformers
+except ImportError as error:
+    raise ImportError("the oracle tests need Hugging Face transformers, part of the test extra: "
+                      "pip install -e '.[test]'") from error
 
 from helpers.transformer import GPT, T5, BertEncoder  # noqa: E402
 

@@ -1,0 +1,173 @@
+"""Mutation check: inject small, plausible mistakes into ``helpers`` one at a time and make
+sure the test suite notices each of them.
+
+    python tests/mutants.py                 every mutant, two at a time
+    python tests/mutants.py --jobs 1 rmsnorm-eps-outside-sqrt   the ones named
+
+Each mutant replaces one snippet of one file (the snippet must occur exactly once, which
+``tests/test_mutants.py`` checks in the ordinary suite) in a scratch copy of the course, then
+runs the test files it names there, without Hugging Face (``transformers`` is hidden), so
+that the course's own tests, not only the external oracles, catch it. A mutant that passes
+every test it names is a hole in the suite: the run fails and names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One injected mistake: in ``path`` replace ``old`` by ``new``; ``tests`` should fail."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant("rmsnorm-eps-outside-sqrt", "helpers/transformer.py",
+           "normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)",
+           "normed = wide / (torch.sqrt(wide.pow(2).mean(dim=-1, keepdim=True)) + self.eps)",
+           ("tests/test_model_probes.py",)),
+    Mutant("attention-no-float32-upcast", "helpers/attention.py",
+           "compute = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype",
+           "compute = q.dtype",
+           ("tests/test_model_probes.py", "tests/test_attention.py")),
+    Mutant("top-k-threshold-from-the-max", "helpers/transformer.py",
+           "kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]",
+           "kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, :1]",
+           ("tests/test_model_probes.py", "tests/test_transformer.py")),
+    Mutant("t5-bucket-direction-includes-zero", "helpers/transformer.py",
+           "bucket = bucket + (relative_position > 0).long() * num_buckets",
+           "bucket = bucket + (relative_position >= 0).long() * num_buckets",
+           ("tests/test_model_probes.py", "tests/test_transformer.py")),
+    Mutant("t5-bucket-rounds-instead-of-truncating", "helpers/transformer.py",
+           "large = max_exact + (log_ratio * (num_buckets - max_exact)).long()",
+           "large = max_exact + (log_ratio * (num_buckets - max_exact)).round().long()",
+           ("tests/test_model_probes.py", "tests/test_transformer.py")),
+    Mutant("gpt-padding-mask-dropped", "helpers/transformer.py",
+           "x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))\n"
+           "        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]",
+           "x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))\n"
+           "        mask = None",
+           ("tests/test_model_probes.py", "tests/test_transformer.py")),
+    Mutant("gpt-padding-mask-on-queries", "helpers/transformer.py",
+           "x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))\n"
+           "        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]",
+           "x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))\n"
+           "        mask = None if attention_mask is None else attention_mask.bool()[:, None, :, None]",
+           ("tests/test_model_probes.py", "tests/test_transformer.py")),
+    Mutant("causal-mask-top-left", "helpers/attention.py",
+           "return torch.ones(L, S, dtype=torch.bool, device=device).tril(S - L)",
+           "return torch.ones(L, S, dtype=torch.bool, device=device).tril()",
+           ("tests/test_attention.py", "tests/test_transformer.py")),
+    Mutant("attention-scale-forgotten", "helpers/attention.py",
+           "scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale",
+           "scale = 1.0 if scale is None else scale",
+           ("tests/test_attention.py",)),
+    Mutant("kv-cache-overwrites-the-last-token", "helpers/kv_cache.py",
+           "end = held + k.shape[-2]\n        self._reserve(layer, k, v, end)\n"
+           "        self._k[layer][:, :, held:end] = k",
+           "end = held + k.shape[-2]\n        self._reserve(layer, k, v, end)\n"
+           "        self._k[layer][:, :, max(held - 1, 0):end - 1 if held else end] = k",
+           ("tests/test_kv_cache.py", "tests/test_transformer.py")),
+    Mutant("kv-cache-growth-loses-the-past", "helpers/kv_cache.py",
+           "            new_k[:, :, :held] = old_k[:, :, :held]\n",
+           "",
+           ("tests/test_kv_cache.py", "tests/test_transformer.py")),
+]
+
+
+def check_snippets(mutants: list[Mutant] = MUTANTS, root: Path = ROOT) -> list[str]:
+    """Problems with the mutant list: unknown names twice, snippets not found exactly once."""
+    problems, names = [], set()
+    for mutant in mutants:
+        if mutant.name in names:
+            problems.append(f"{mutant.name}: the name is used twice")
+        names.add(mutant.name)
+        text = (root / mutant.path).read_text(encoding="utf-8")
+        count = text.count(mutant.old)
+        if count != 1:
+            problems.append(f"{mutant.name}: its snippet occurs {count} times in {mutant.path}")
+        for test in mutant.tests:
+            if not (root / test).is_file():
+                problems.append(f"{mutant.name}: no test file {test}")
+    return problems
+
+
+def _scratch_copy(target: Path) -> None:
+    """The parts of the course a test run needs: the package, the tests, the lessons."""
+    for name in ("helpers", "tests", "solutions", "notebooks"):
+        shutil.copytree(ROOT / name, target / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "artifacts"))
+    shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
+    hide = target / "no-transformers" / "transformers"  # import transformers fails in the run
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('hidden by the mutation check')\n")
+
+
+def run_mutant(mutant: Mutant) -> tuple[Mutant, bool, float, str]:
+    """Apply ``mutant`` in a scratch copy and run its tests: (mutant, noticed, seconds, tail)."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
+        target = Path(scratch)
+        _scratch_copy(target)
+        path = target / mutant.path
+        path.write_text(path.read_text(encoding="utf-8").replace(mutant.old, mutant.new, 1),
+                        encoding="utf-8")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target / "no-transformers"),
+                                                            str(target)]),
+                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONDONTWRITEBYTECODE="1")
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:xdist",
+                                 "-p", "no:cacheprovider", *mutant.tests],
+                                cwd=target, env=env, capture_output=True, text=True)
+    tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+    noticed = result.returncode == 1  # 1: tests failed; 0: all passed; other: could not run
+    if result.returncode not in (0, 1):
+        tail = [f"pytest exited {result.returncode}: " + tail[0]]
+    return mutant, noticed, time.monotonic() - started, tail[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    args = parser.parse_args(argv)
+    problems = check_snippets()
+    if problems:
+        print("\n".join(problems))
+        return 2
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"unknown mutants: {', '.join(sorted(unknown))}")
+        return 2
+    started = time.monotonic()
+    missed = []
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for mutant, noticed, seconds, tail in pool.map(run_mutant, chosen):
+            print(f"{'noticed' if noticed else 'MISSED '}  {mutant.name:<42} {seconds:5.1f} s  {tail}",
+                  flush=True)
+            if not noticed:
+                missed.append(mutant.name)
+    print(f"\n{len(chosen)} mutants injected, {len(chosen) - len(missed)} noticed, "
+          f"{len(missed)} missed, {time.monotonic() - started:.0f} s")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
