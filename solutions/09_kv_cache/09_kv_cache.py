@@ -5,8 +5,8 @@
 # form folds every past token into one matrix. Softmax attention cannot: the next token's
 # query must be compared with the key of *every* earlier token, and its output mixes all of
 # their values. A language model writes one token at a time, so a naive loop reruns the
-# whole model on the whole prefix at every step, and generating $n$ tokens costs $O(n^2)$
-# passes over the weights.
+# whole model on the whole prefix at every step: step $n$ pushes $n$ tokens through every
+# layer, and generating $n$ tokens costs work that grows like $n^2$.
 #
 # The fix is to remember. In a causal model the key and value of token $j$ never change once
 # token $j$ has been read, so each layer can keep them, the **KV cache**, and a decode step
@@ -59,7 +59,7 @@ print(f"device: {device}; short experiments: {SHORT}")
 # model at once, as in training, and every weight matrix multiplies a whole matrix of
 # tokens. Then each **decode** step produces one token: the model reads the token it just
 # wrote and predicts the next. Pope et al. (2022, *Efficiently Scaling Transformer
-# Inference*) analyse the two; the numbers below are theirs in spirit.
+# Inference*) analyse the cost of both phases in detail.
 #
 # Count the work of a decoder with $N_\ell$ layers of width $d$ (MLP width $4d$): per token
 # and layer, the projections $W_Q, W_K, W_V, W_O$ are $4d^2$ multiply-adds and the MLP $8d^2$,
@@ -187,9 +187,10 @@ for name, (layers, kv_heads, head_dim, context, params) in MODELS.items():
 # A decode step reads every weight once to multiply it by one vector per sequence: two FLOPs
 # per 16-bit parameter of two bytes, an **arithmetic intensity** of about $B$ FLOPs per byte
 # for a batch of $B$. A GPU does far more arithmetic per byte it can read: an H100 SXM
-# (NVIDIA's datasheet: 989 dense BF16 TFLOP/s, 3.35 TB/s of HBM3) needs about 295 FLOPs per
-# byte to keep its arithmetic busy. Below that, the step waits for memory (Williams et al.,
-# 2009, *Roofline: An Insightful Visual Performance Model*). Batching helps the weights,
+# (NVIDIA's datasheet: 989 dense BF16 TFLOP/s, 3.35 TB/s of HBM3) needs hundreds of FLOPs
+# per byte to keep its arithmetic busy (their ratio, the "ridge point", is printed below).
+# Below it, the step waits for memory (Williams et al., 2009, *Roofline: An Insightful
+# Visual Performance Model*). Batching helps the weights,
 # which all sequences share; but every sequence reads its *own* cache, $2 \cdot 2nd$ bytes
 # per layer for $4nd$ FLOPs: attention over the cache stays at about one FLOP per byte
 # whatever the batch. The table: Llama 2 7B decoding at a context of 4096 tokens.
