@@ -9,7 +9,7 @@ change a verdict.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
                             expect_tensor, is_close, passed)
-from helpers.device import get_device
+from helpers.device import get_device, one_cpu_thread
 from helpers.hidden._core import ShortcutUsed, forbid, fresh_import
 
 
@@ -28,6 +28,16 @@ def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpe
             return run()
     except ShortcutUsed as error:
         raise CheckFailed(f"{what}: {error}") from None
+
+
+def on_one_thread(check: Callable) -> Callable:
+    """Run ``check`` on one CPU thread: its many small operations would otherwise wait on
+    each other's threads whenever the machine is busy (several notebooks graded at once)."""
+    @functools.wraps(check)
+    def run(*args: object, **kwargs: object) -> object:
+        with one_cpu_thread():
+            return check(*args, **kwargs)
+    return run
 
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -72,6 +82,7 @@ def decode_step_case(attention_module: type, B: int, S: int, d_model: int, n_hea
 
 
 @exercise
+@on_one_thread
 def decode_attention(fn: Callable) -> None:
     """``decode_attention(attn, x, past_k, past_v) -> (out, k, v)``: the last row of causal
     attention over the whole sequence, from the new token's projections only."""
@@ -159,6 +170,7 @@ def doublings(capacity: int, chunks: list[int]) -> int:
 
 
 @exercise
+@on_one_thread
 def growing_kv(cache_class: type) -> None:
     """``GrowingKV(capacity).append(k, v)``: everything appended, in order, as views of
     storage that doubles when full."""
@@ -228,6 +240,7 @@ def uncached_greedy(model: torch.nn.Module, idx: torch.Tensor, steps: int) -> to
 
 
 @exercise
+@on_one_thread
 def generate_greedy(fn: Callable) -> None:
     """``generate_greedy(model, idx, n)``: the tokens of uncached greedy generation, from one
     prefill and then one token per step through a KV cache."""

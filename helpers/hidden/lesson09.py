@@ -26,6 +26,7 @@ def _expect(condition: bool, message: str) -> None:
         raise HiddenTestFailed(message)
 
 
+@visible.on_one_thread
 def decode_attention(fn: Callable) -> None:
     """out, k, v of one decode step against the last row of causal attention over the whole
     sequence (the reference MultiHeadAttention), for random layers and past lengths."""
@@ -49,6 +50,7 @@ def decode_attention(fn: Callable) -> None:
                              rtol=TOLERANCE[dtype])
 
 
+@visible.on_one_thread
 def growing_kv(cache_class: type) -> None:
     """Everything appended comes back in order after every append, in storage that is
     reallocated no more often than doubling requires, for random capacities and chunks."""
@@ -79,6 +81,7 @@ def growing_kv(cache_class: type) -> None:
                 "return views of it, doubling the capacity when it is full")
 
 
+@visible.on_one_thread
 def generate_greedy(fn: Callable) -> None:
     """The tokens of uncached greedy generation, from one prefill and then single tokens
     through a cache, for a random GPT."""
