@@ -695,9 +695,10 @@ for name, (size, accuracy) in quantized.items():
 # attention that StreamingLLM describes. H2O finds the rule without being told where it is:
 # every answer attends to it, so its accumulated attention makes it a heavy hitter (at the
 # smallest budget it still loses some answers: compare the printed rows). KIVI
-# keeps every token, slightly blurred, and the answers do not change. (A tiny model with
-# 16-channel heads pays a lot for its scales and zero points; with a head dimension of 128 and
-# groups of 32 or more tokens, the parameters shrink to a few percent of the bytes.)
+# keeps every token, slightly blurred, and the answers do not change. (Its bytes are far from
+# 8 or 4 bits per number here: every value token of a 16-channel head carries its own scale
+# and zero point, and the 8 most recent tokens stay in full precision. With 128-channel
+# heads and long contexts, as in real models, both weigh much less.)
 #
 # ## What's next
 #
