@@ -20,6 +20,7 @@ run alone takes minutes on a CPU: it is what the cache saves.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,11 @@ from timing import median_ms
 TITLE = "KV cache: cached generation and compressed caches"
 PROMPT, NEW_TOKENS, REPEATS = 16, 512, 3
 OUT = Path(__file__).parent / "out" / "kv_cache.md"
+
+
+def progress(message: str) -> None:
+    """A line on stderr as each phase ends: the whole benchmark takes minutes."""
+    print(f"[bench_kv_cache {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def gpt2_small(device: torch.device) -> tuple[torch.nn.Module, GPT]:
@@ -79,9 +85,11 @@ def generation_section(device: torch.device) -> str:
     }
     tokens = {name: run() for name, run in runs.items()}  # also the warm-up
     times = median_ms(runs, device, repeats=REPEATS, warmup=0)
+    progress(", ".join(f"{name}: {ms / 1e3:.1f} s" for name, ms in times.items()))
     start = time.perf_counter()
     tokens["ours, no cache"] = ours.generate(prompt, NEW_TOKENS, use_cache=False)
     times["ours, no cache"] = 1e3 * (time.perf_counter() - start)
+    progress(f"ours, no cache: {times['ours, no cache'] / 1e3:.1f} s")
     reference = tokens["ours, KV cache"]
     lines = [f"### Greedy generation, GPT-2-small shape, {PROMPT}-token prompt, {NEW_TOKENS} "
              f"new tokens\n",
@@ -97,6 +105,7 @@ def generation_section(device: torch.device) -> str:
     lines.append(f"\ncached vs uncached: **{cached_vs_uncached:.1f}× faster** (bar: >= 10×); "
                  f"ours vs Hugging Face: **{ours_vs_hf:.2f}** (time ratio; bar: <= 1.0)\n")
     steps = decode_step_ms(ours, prompt, NEW_TOKENS)
+    progress("decode steps timed")
     buckets = 4
     size = NEW_TOKENS // buckets
     lines += ["\n### One cached decode step against the sequence length\n",

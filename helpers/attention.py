@@ -4,13 +4,20 @@ The reference implementations that later lessons import. Conventions follow
 ``torch.nn.functional.scaled_dot_product_attention``: tensors are ``(batch, heads, seq,
 head_dim)`` (any leading dims work), a boolean mask is ``True`` where attention is allowed
 and broadcasts against ``(batch, heads, L, S)``, and ``scale`` defaults to ``1/sqrt(head_dim)``.
-Two choices differ from PyTorch on purpose: a query row whose mask allows nothing yields
-zeros (not NaN), and :func:`causal_mask` is aligned bottom right, as a KV-cache decode needs.
+
+A query row whose mask allows nothing yields zeros, with zero gradients. PyTorch's
+``F.scaled_dot_product_attention`` does the same on the CPU since torch 2.5 (its
+``_safe_softmax``, pytorch/pytorch#133882); before 2.5 it returned NaN there, and
+``torch.softmax`` over a row of ``-inf`` and ``nn.MultiheadAttention`` with every key masked
+still return NaN. One choice differs from PyTorch: :func:`causal_mask` is aligned bottom
+right, as a KV-cache decode needs (``is_causal=True`` is aligned top left when L != S).
 
 Papers: Vaswani et al. (2017) "Attention Is All You Need"; Shazeer (2019) "Fast Transformer
 Decoding: One Write-Head is All You Need" (MQA); Ainslie et al. (2023) "GQA: Training
 Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"; Jiang et al. (2023)
-"Mistral 7B" (sliding-window attention).
+"Mistral 7B" (sliding-window attention); Beltagy et al. (2020) "Longformer: The
+Long-Document Transformer" (global tokens); Xiao et al. (2024) "Efficient Streaming Language
+Models with Attention Sinks".
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -111,18 +119,60 @@ def padding_mask(lengths: torch.Tensor, S: int) -> torch.Tensor:
     return (keys < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
 
 
-def sliding_window_mask(L: int, window: int, device: torch.device | str | None = None
-                        ) -> torch.Tensor:
-    """(L, L) causal boolean mask where each query sees ``window`` keys including itself.
+def sliding_window_mask(L: int, window: int, device: torch.device | str | None = None, *,
+                        S: int | None = None, n_global: int = 0) -> torch.Tensor:
+    """(L, S) causal boolean mask where each query sees ``window`` keys including itself.
 
     Mistral's rule (Jiang et al., 2023): key ``j`` is visible from query ``i`` when
-    ``i - window < j <= i``.
+    ``i - window < j <= i``. With ``S > L`` (S defaults to L) the queries are the last ``L``
+    of ``S`` positions, aligned bottom right as :func:`causal_mask` (a decode step over cached
+    keys). The first ``n_global`` positions are global tokens (Longformer, Beltagy et al.,
+    2020) or attention sinks (Xiao et al., 2024): every later query sees them too, however far.
     """
     if window < 1:
         raise ValueError(f"window must be at least 1 (the query itself), got {window}")
-    i = torch.arange(L, device=device)[:, None]  # (L, 1)
-    j = torch.arange(L, device=device)[None, :]  # (1, L)
-    return (j <= i) & (j > i - window)
+    S = L if S is None else S
+    if S < L:
+        raise ValueError(f"S={S} keys cannot be fewer than the L={L} queries among them")
+    if n_global < 0:
+        raise ValueError(f"n_global must be >= 0, got {n_global}")
+    i = torch.arange(S - L, S, device=device)[:, None]  # (L, 1): position of each query
+    j = torch.arange(S, device=device)[None, :]  # (1, S)
+    return (j <= i) & ((j > i - window) | (j < n_global))
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, S, D) -> (B, H_kv * n_rep, S, D): each K/V head repeated for its query heads.
+
+    Blocked, as grouped-query attention needs (Ainslie et al., 2023): query head ``h`` reads
+    K/V head ``h // n_rep``, so the copies of head 0 come first. The same as
+    ``x.repeat_interleave(n_rep, dim=1)``, written as Hugging Face's Llama does.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x should have shape (B, H_kv, S, D), got {tuple(x.shape)}")
+    if n_rep < 1:
+        raise ValueError(f"n_rep must be at least 1, got {n_rep}")
+    if n_rep == 1:
+        return x
+    B, H_kv, S, D = x.shape
+    return x[:, :, None].expand(B, H_kv, n_rep, S, D).reshape(B, H_kv * n_rep, S, D)
+
+
+def mean_pool_heads(weight: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """A K or V projection's weight (H*D, ...) or bias (H*D,) -> (H_kv*D, ...), heads averaged.
+
+    Ainslie et al. (2023) turn a multi-head checkpoint into a grouped-query one by
+    mean-pooling the key and value heads of each group (heads ``g*G .. g*G + G - 1`` for
+    group ``g``, ``G = n_heads // n_kv_heads``), then train it a little more ("uptraining").
+    """
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
+    if weight.shape[0] % n_heads:
+        raise ValueError(f"weight's first dim {weight.shape[0]} (H*D) is not divisible by "
+                         f"n_heads={n_heads}")
+    head_dim = weight.shape[0] // n_heads
+    grouped = weight.reshape(n_kv_heads, n_heads // n_kv_heads, head_dim, *weight.shape[1:])
+    return grouped.mean(dim=1).reshape(n_kv_heads * head_dim, *weight.shape[1:])
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -148,19 +198,20 @@ class MultiHeadAttention(nn.Module):
     ``n_kv_heads`` K/V heads are shared by groups of query heads: ``n_kv_heads == n_heads``
     is standard MHA, ``1`` is multi-query attention (Shazeer, 2019), anything between is
     grouped-query attention (Ainslie et al., 2023). Query head ``h`` uses K/V head
-    ``h // (n_heads // n_kv_heads)``, as ``enable_gqa`` in PyTorch's SDPA.
+    ``h // (n_heads // n_kv_heads)``, as ``enable_gqa`` in PyTorch's SDPA. ``head_dim``
+    defaults to ``d_model // n_heads``; Llama-family models may choose another.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 bias: bool = True):
+                 bias: bool = True, head_dim: int | None = None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads:
+        if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -186,8 +237,7 @@ class MultiHeadAttention(nn.Module):
         k = split_heads(self.k_proj(context), self.n_kv_heads)  # (B, Hkv, S, D)
         v = split_heads(self.v_proj(context), self.n_kv_heads)  # (B, Hkv, S, D)
         group = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+        k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, H, S, D)
         if mask is not None:
             scores_shape = torch.Size((x.shape[0], self.n_heads, x.shape[1], k.shape[2]))
             _check_mask(mask, scores_shape, "(B, H, L, S)")
@@ -222,15 +272,32 @@ class MultiHeadAttention(nn.Module):
         return ours
 
 
+def _sdpa_zeroes_masked_rows(device: torch.device | str,
+                            version: str = torch.__version__) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` gives zeros and zero gradients, not NaN, for
+    a query row whose mask allows nothing, on ``device`` with torch ``version``.
+
+    Yes on the CPU from torch 2.5 (pytorch/pytorch#133882). Torch 2.2 to 2.4 return NaN; the
+    CUDA kernels (cuDNN, memory-efficient) have returned NaN for such rows in releases after
+    2.5 too, so any other device is treated as not zeroing them.
+    """
+    return torch.device(device).type == "cpu" and TorchVersion(version) >= (2, 5)
+
+
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
+                     mask: torch.Tensor | None, guard: bool | None = None) -> torch.Tensor:
     """The fast path of :class:`MultiHeadAttention`: PyTorch's fused SDPA kernel, (B, H, L, D).
 
-    PyTorch returns NaN for a query row whose mask allows nothing; we let such rows attend
-    everywhere (so no NaN reaches the gradients) and then zero them, as the reference does.
+    Where PyTorch may return NaN for a query row whose mask allows nothing
+    (``guard``, by default ``not _sdpa_zeroes_masked_rows(q.device)``), such rows attend
+    everywhere (so no NaN reaches the gradients) and are then zeroed, as the reference does.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if guard is None:
+        guard = not _sdpa_zeroes_masked_rows(q.device)
+    if not guard:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     is_bool = mask.dtype == torch.bool
     allowed = mask if is_bool else ~torch.isneginf(mask)  # broadcasts to (B, H, L, S)
     has_key = allowed.any(dim=-1, keepdim=True)  # (..., L, 1)

@@ -1,4 +1,5 @@
-"""Transformer blocks and the three model families built from them: BERT, GPT, T5 (lesson 05).
+"""Transformer blocks and the model families built from them: BERT, GPT, T5 (lesson 05) and
+the Llama family (lesson 07).
 
 One :class:`TransformerBlock` with a few options covers all three families:
 
@@ -13,6 +14,10 @@ One :class:`TransformerBlock` with a few options covers all three families:
   ``1/sqrt(d)`` in attention, ReLU feed-forward, and a learned relative position bias in
   place of absolute positions (after Shaw et al., 2018, "Self-Attention with Relative
   Position Representations").
+- Llama (Touvron et al., 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models") and
+  Mistral (Jiang et al., 2023, "Mistral 7B"): pre-RMSNorm blocks without biases, rotary
+  position embeddings (:mod:`helpers.rope`), a SwiGLU feed-forward, grouped-query attention,
+  and for Mistral a sliding window. :class:`Llama` is its own small block, :class:`LlamaBlock`.
 
 Every model has ``from_hf(hf_model)``, which copies the weights of the matching Hugging Face
 ``transformers`` model; the tests prove that the logits then agree. ``transformers`` is never
@@ -36,17 +41,21 @@ from helpers.attention import (
     MultiHeadAttention,
     causal_mask,
     merge_heads,
+    repeat_kv,
     scaled_dot_product_attention,
+    sliding_window_mask,
     split_heads,
 )
-from helpers.kv_cache import KVCache
+from helpers.kv_cache import KVCache, SinkCache
 from helpers.tasks import IGNORE_INDEX
+from helpers.rope import apply_rope, rope_cos_sin
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),  # exact erf GELU (BERT)
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's tanh approximation
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
     "relu": lambda: nn.ReLU(),  # T5
+    "silu": lambda: nn.SiLU(),  # Llama and Mistral's SwiGLU gate
 }
 
 
@@ -317,6 +326,38 @@ def train_next_token(model: nn.Module, sample: Callable[[], tuple[torch.Tensor, 
     return losses
 
 
+def decode(step: Callable[[torch.Tensor, int], torch.Tensor], idx: torch.Tensor,
+           max_new_tokens: int, use_cache: bool, seen: int = 0, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The generation loop of the decoder-only models: idx (B, L) -> (B, L + max_new_tokens).
+
+    ``step(tokens, start)`` runs the model on ``tokens[:, start:]``, the tokens it has not
+    seen, and returns the last position's logits (B, V); ``tokens`` (B, t) is everything so
+    far. With ``use_cache`` the model keeps its own K/V cache, which holds the first
+    ``seen`` tokens already: each step feeds the prompt's rest, then one token at a time.
+    Without, every step feeds the whole sequence. The output is allocated once and the next
+    token is chosen by :func:`next_token`.
+    """
+    B, prompt = idx.shape
+    out = idx.new_empty(B, prompt + max_new_tokens)
+    out[:, :prompt] = idx
+    start = seen if use_cache else 0
+    for t in range(prompt, prompt + max_new_tokens):
+        logits = step(out[:, :t], start)  # (B, V)
+        out[:, t] = next_token(logits, do_sample, temperature, top_k, generator)[:, 0]
+        if use_cache:
+            start = t
+    return out
+
+
+def _check_continues(cache: KVCache, prompt: int) -> None:
+    """A cache given to ``generate`` holds the first tokens of idx at most, not all of them."""
+    if cache.seq_len >= prompt:
+        raise ValueError(f"the cache already holds {cache.seq_len} tokens but idx has only "
+                         f"{prompt}: idx must continue what the cache holds")
+
+
 def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor],
                  may_skip: tuple[str, ...] = ()) -> None:
     """Copy ``weights`` (our parameter name -> tensor) into ``module``, checking every shape.
@@ -439,8 +480,6 @@ class GPT(nn.Module):
         if total > self.max_len:
             raise ValueError(f"{prompt} + {max_new_tokens} tokens exceed "
                              f"max_len={self.max_len} learned positions")
-        out = idx.new_empty(B, total)
-        out[:, :prompt] = idx
         real = position_ids = None
         if attention_mask is not None:
             if attention_mask.shape != idx.shape:
@@ -450,23 +489,20 @@ class GPT(nn.Module):
                 real = torch.ones(B, total, dtype=torch.bool, device=idx.device)
                 real[:, :prompt] = attention_mask.bool()
                 position_ids = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, total)
-        begin = 0  # first token the model has not seen
         if use_cache:
             cache = KVCache(len(self.blocks), capacity=total) if cache is None else cache
-            begin = cache.seq_len
-            if begin >= prompt:
-                raise ValueError(f"the cache already holds {begin} tokens but idx has only "
-                                 f"{prompt}: idx must continue what the cache holds")
-        for t in range(prompt, total):
-            fresh = slice(begin if use_cache else 0, t)
+            _check_continues(cache, prompt)
+
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            fresh = slice(start, tokens.shape[1])  # the tokens the model has not seen
             hidden = self.hidden_states(
-                out[:, fresh], None if real is None else real[:, fresh],
+                tokens[:, fresh], None if real is None else real[:, fresh],
                 cache if use_cache else None,
                 None if position_ids is None else position_ids[:, fresh])  # (B, L', d)
-            logits = self.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
-            out[:, t] = next_token(logits, do_sample, temperature, top_k, generator)[:, 0]
-            begin = t
-        return out
+            return self.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
+
+        return decode(step, idx, max_new_tokens, use_cache, cache.seq_len if use_cache else 0,
+                      do_sample, temperature, top_k, generator)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> GPT:
@@ -822,3 +858,257 @@ class T5(nn.Module):
                 w[f"{dst}norm2.weight"] = hf[f"{src}{ff}.layer_norm.weight"]
         copy_weights(ours, w)
         return ours
+
+
+# --- the Llama family (lesson 07) ---------------------------------------------------------
+
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class SwiGLU(nn.Module):
+    """The gated feed-forward of Llama and Mistral: ``down(silu(gate(x)) * up(x))``.
+
+    Shazeer (2020), "GLU Variants Improve Transformer": a gate, passed through the SiLU
+    (Swish), multiplies a second projection. Three matrices instead of two, so Llama takes
+    ``d_ff`` about 8/3 · d_model (not 4 ·) to keep the parameter count.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, activation: str = "silu"):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.activation = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model)."""
+        return self.down(self.activation(self.gate(x)) * self.up(x))
+
+
+def causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         window: int | None = None) -> torch.Tensor:
+    """Causal (optionally sliding-window) grouped-query attention, on PyTorch's fused SDPA.
+
+    q (B, H, L, D) are the last L of S positions; k, v (B, H_kv, S, D) with H_kv dividing H
+    (query head h reads K/V head h // (H / H_kv)). With a ``window`` W the query at position
+    p sees keys p - W < j <= p (bottom right over the S keys): keys no query can see are
+    sliced off, so a decode step (L = 1) attends to its last W keys with no mask at all.
+    Returns (B, H, L, D). Every query sees itself, so no row is ever fully masked.
+    """
+    L, S = q.shape[-2], k.shape[-2]
+    if window is not None and S - L - window + 1 > 0:
+        first = S - L - window + 1  # keys before this one are out of every query's window
+        k, v, S = k[:, :, first:], v[:, :, first:], S - first
+    mask, is_causal = None, False
+    if window is not None and S > window:
+        mask = sliding_window_mask(L, window, device=q.device, S=S)  # (L, S)
+    elif L == S and L > 1:
+        is_causal = True  # top left = bottom right when L = S: PyTorch's fastest path
+    elif L > 1:
+        mask = causal_mask(L, S, device=q.device)  # (L, S)
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and not _SDPA_HAS_GQA:
+        k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, H, S, D)
+    gqa = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+
+
+def rope_attention(attn: MultiHeadAttention, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, window: int | None = None, cache: KVCache | None = None,
+                   layer: int = 0) -> torch.Tensor:
+    """Causal self-attention through ``attn``'s projections with rotary positions: (B, L, d).
+
+    x (B, L, d_model) holds the next L positions; cos, sin (L, head_dim) their angles
+    (:func:`helpers.rope.rope_cos_sin`). Queries and keys are rotated, then the keys and
+    values join ``cache`` (layer ``layer``), which returns what the queries attend to: the
+    keys are cached already rotated, so they are never rotated again. A cache that evicts by
+    attention weights (H2O) gets them from the reference attention, over what it returned.
+    """
+    q = apply_rope(split_heads(attn.q_proj(x), attn.n_heads), cos, sin)  # (B, H, L, D)
+    k = apply_rope(split_heads(attn.k_proj(x), attn.n_kv_heads), cos, sin)  # (B, H_kv, L, D)
+    v = split_heads(attn.v_proj(x), attn.n_kv_heads)  # (B, H_kv, L, D)
+    if cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
+    if cache is None or not getattr(cache, "needs_attention_weights", False):
+        return attn.out_proj(merge_heads(causal_gqa_attention(q, k, v, window)))
+    L, S = q.shape[-2], k.shape[-2]  # a cache that evicts by attention (H2O): the reference
+    allowed = (causal_mask(L, S, device=q.device) if window is None
+               else sliding_window_mask(L, window, device=q.device, S=S))  # (L, S)
+    group = attn.n_heads // attn.n_kv_heads
+    out, weights = scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group),
+                                                mask=allowed)  # (B, H, L, D), (B, H, L, S)
+    cache.record_attention(layer, weights)
+    return attn.out_proj(merge_heads(out))
+
+
+class LlamaBlock(nn.Module):
+    """One Llama (or Mistral) layer: pre-RMSNorm, RoPE attention with grouped K/V heads,
+    pre-RMSNorm, SwiGLU; each sublayer added to the residual stream::
+
+        x = x + attn(norm1(x))
+        x = x + mlp(norm2(x))
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, d_ff: int,
+                 head_dim: int | None = None, *, window: int | None = None,
+                 attn_bias: bool = False, mlp_bias: bool = False, norm_eps: float = 1e-6,
+                 activation: str = "silu"):
+        super().__init__()
+        self.window = window
+        self.norm1 = RMSNorm(d_model, eps=norm_eps)
+        self.attn = MultiHeadAttention(d_model, n_heads, n_kv_heads, bias=attn_bias,
+                                       head_dim=head_dim)
+        self.norm2 = RMSNorm(d_model, eps=norm_eps)
+        self.mlp = SwiGLU(d_model, d_ff, bias=mlp_bias, activation=activation)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, L, d) at the positions whose angles are cos, sin (L, head_dim) -> (B, L, d)."""
+        x = x + rope_attention(self.attn, self.norm1(x), cos, sin, self.window, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Llama(nn.Module):
+    """A Llama-family decoder: Llama 2 and 3 (Touvron et al., 2023) and Mistral (Jiang et al.,
+    2023).
+
+    Token embedding (no position embedding: RoPE rotates queries and keys instead, with
+    ``rope_base``), ``n_layers`` :class:`LlamaBlock`, a final RMSNorm and an LM head, tied
+    to the embedding when ``tie_embeddings``. ``n_kv_heads`` sets grouped-query attention
+    (``n_heads``: MHA, 1: MQA); ``head_dim`` defaults to ``d_model // n_heads``; ``d_ff``
+    to ``8/3 · d_model``; ``window`` makes every layer attend to the last ``window`` keys
+    only (Mistral). ``attn_bias`` and ``mlp_bias`` add biases to the projections.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int,
+                 n_kv_heads: int | None = None, d_ff: int | None = None, *,
+                 head_dim: int | None = None, window: int | None = None,
+                 rope_base: float = 10000.0, norm_eps: float = 1e-6, attn_bias: bool = False,
+                 mlp_bias: bool = False, tie_embeddings: bool = False,
+                 activation: str = "silu"):
+        super().__init__()
+        if window is not None and window < 1:
+            raise ValueError(f"window must be at least 1 (or None for full attention), "
+                             f"got {window}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        d_ff = 8 * d_model // 3 if d_ff is None else d_ff
+        self.window, self.rope_base = window, rope_base
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(
+            LlamaBlock(d_model, n_heads, n_kv_heads, d_ff, head_dim, window=window,
+                       attn_bias=attn_bias, mlp_bias=mlp_bias, norm_eps=norm_eps,
+                       activation=activation)
+            for _ in range(n_layers))
+        self.head_dim = self.blocks[0].attn.head_dim
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        init_gpt_weights(self)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, L) token ids -> logits (B, L, vocab_size), or (B, 1, V) when ``last_only``.
+
+        With a ``cache`` (one layer per block, :mod:`helpers.kv_cache`) idx continues the
+        cached sequence: its positions start at ``cache.seq_len``.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx should have shape (B, L), got {tuple(idx.shape)}")
+        start = cache.seq_len if cache is not None else 0
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (L,)
+        x = self.token_embedding(idx)  # (B, L, d)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base, dtype=x.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache=cache, layer=i)  # (B, L, d)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # (B, L, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
+                 cache: KVCache | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
+
+        As :meth:`GPT.generate`: greedy by default, sampling with ``do_sample``; ``use_cache``
+        keeps keys and values in ``cache``, any cache of :mod:`helpers.kv_cache`. By default
+        a model with a sliding window gets Mistral's rolling buffer,
+        ``SinkCache(n_layers, window, n_sinks=0)``, which holds the last ``window`` tokens
+        and no more (attention never reads further back), and a model without one a
+        :class:`~helpers.kv_cache.KVCache` sized for the whole output. A cache that already
+        holds the first tokens of idx continues after them.
+        """
+        if use_cache and cache is None:
+            cache = (SinkCache(len(self.blocks), window=self.window, n_sinks=0)
+                     if self.window is not None
+                     else KVCache(len(self.blocks), capacity=idx.shape[1] + max_new_tokens))
+        if use_cache:
+            _check_continues(cache, idx.shape[1])
+
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            return self(tokens[:, start:], cache=cache if use_cache else None,
+                        last_only=True)[:, -1]  # (B, V)
+
+        return decode(step, idx, max_new_tokens, use_cache, cache.seq_len if use_cache else 0,
+                      do_sample, temperature, top_k, generator)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> Llama:
+        """A Llama with the weights of a ``transformers.LlamaForCausalLM`` or
+        ``MistralForCausalLM``.
+
+        Supports the default RoPE (any ``rope_theta``), GQA, any ``head_dim``, attention and
+        MLP biases, tied or untied embeddings, and Mistral's ``sliding_window``. RoPE scaling
+        (linear, dynamic, YaRN, Llama 3's), partial rotary dimensions and other model types
+        raise a ValueError.
+        """
+        c = hf_model.config
+        if c.model_type not in ("llama", "mistral"):
+            raise ValueError(f"from_hf supports LlamaForCausalLM and MistralForCausalLM, got "
+                             f"model_type {c.model_type!r}")
+        rope_base = _hf_rope_base(c)
+        device, dtype = _hf_reference(hf_model)
+        tied = hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+        ours = cls(c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                   c.num_key_value_heads or c.num_attention_heads, c.intermediate_size,
+                   head_dim=getattr(c, "head_dim", None) or None,
+                   window=getattr(c, "sliding_window", None), rope_base=rope_base,
+                   norm_eps=c.rms_norm_eps, attn_bias=getattr(c, "attention_bias", False),
+                   mlp_bias=getattr(c, "mlp_bias", False), tie_embeddings=tied,
+                   activation=c.hidden_act)
+        ours = ours.to(device=device, dtype=dtype).eval()
+        hf = hf_model.state_dict()
+        w = {"token_embedding.weight": hf["model.embed_tokens.weight"],
+             "norm.weight": hf["model.norm.weight"],
+             "lm_head.weight": hf["lm_head.weight"] if "lm_head.weight" in hf
+             else hf["model.embed_tokens.weight"]}
+        pairs = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+                 "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj",
+                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+                 "mlp.down": "mlp.down_proj", "norm1": "input_layernorm",
+                 "norm2": "post_attention_layernorm"}
+        for i in range(c.num_hidden_layers):
+            for ours_name, hf_name in pairs.items():
+                for kind in ("weight", "bias"):
+                    key = f"model.layers.{i}.{hf_name}.{kind}"
+                    if key in hf:
+                        w[f"blocks.{i}.{ours_name}.{kind}"] = hf[key]
+        copy_weights(ours, w)
+        return ours
+
+
+def _hf_rope_base(config) -> float:
+    """``rope_theta`` of a Hugging Face Llama or Mistral config; a ValueError for any RoPE
+    variant other than the default (transformers 5 keeps it in ``rope_parameters``, 4 in
+    ``rope_theta`` and ``rope_scaling``)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"from_hf supports the default RoPE only, got rope_type {kind!r} "
+                         "(RoPE scaling is not implemented)")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"from_hf supports RoPE on the whole head only, got "
+                         f"partial_rotary_factor={params['partial_rotary_factor']}")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))

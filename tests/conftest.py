@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +71,45 @@ def expect_hidden_failure(run, kind: str = "HiddenTestFailed") -> AssertionError
         run()
     assert kind in [cls.__name__ for cls in type(failure.value).__mro__], failure.value
     return failure.value
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds
+    (or as soon as ``process`` has exited), naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"the lab exited ({process.returncode}) while waiting for {what}:\n{output}")
+        time.sleep(0.2)
+    pytest.fail(f"gave up waiting {timeout:.0f} s for {what}")
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once per test run, even when pytest-xdist spreads
+    the tests that need it over several workers: the others wait and reuse it. (xdist's
+    ``loadgroup`` does not keep a group on one worker under pytest 9.)"""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder

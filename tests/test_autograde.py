@@ -10,6 +10,7 @@ import csv
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -18,11 +19,11 @@ import pytest
 from helpers.course.autograde import autograde, sqlite_url
 from helpers.course.release import answered_notebook
 
-from conftest import LESSONS
+from conftest import LESSONS, shared_once
 
 FAST = next(lesson for lesson in LESSONS if lesson.name == "02_qkv_attention")
 
-# One worker runs these tests, so the class is graded once.
+# One worker runs these tests where xdist keeps groups together; shared_once grades the class once either way.
 pytestmark = pytest.mark.xdist_group("autograde")
 
 WRONG_BUT_PATCHED = '''import numpy, torch, helpers.attention, helpers.hidden, helpers.checks
@@ -52,9 +53,7 @@ def hand_in(folder: Path, student: str, lesson, notebook, name: str | None = Non
     nbformat.write(notebook, target / (name or f"{lesson.name}.ipynb"))
 
 
-@pytest.fixture(scope="session")
-def graded(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("submissions")
+def hand_in_the_class(folder: Path) -> None:
     for lesson in LESSONS:
         hand_in(folder, "perfect", lesson, answered_notebook(lesson))
         hand_in(folder, "blank", lesson, nbformat.read(lesson.student, as_version=4))
@@ -72,12 +71,23 @@ def graded(tmp_path_factory):
     (folder / "broken" / FAST.name / f"{FAST.name}.ipynb").write_text('{"cells": [')
     (folder / "absent" / "not-a-lesson").mkdir(parents=True)
     nbformat.write(answered_notebook(FAST), folder / f"loose.student_{FAST.name}.ipynb")
-    zipped = tmp_path_factory.mktemp("zip")
-    hand_in(zipped, "zipper", FAST, answered_notebook(FAST))
-    shutil.make_archive(str(folder / "zipper"), "zip", zipped / "zipper")
+    with tempfile.TemporaryDirectory() as zipped:
+        hand_in(Path(zipped), "zipper", FAST, answered_notebook(FAST))
+        shutil.make_archive(str(folder / "zipper"), "zip", Path(zipped) / "zipper")
 
-    out = tmp_path_factory.mktemp("graded")
-    return grade(folder, out, LESSONS)
+
+@pytest.fixture(scope="session")
+def graded(tmp_path_factory):
+    """The class, graded once per test run (tests only read it)."""
+    def build(home: Path) -> None:
+        (home / "in").mkdir()
+        hand_in_the_class(home / "in")
+        autograde(home / "in", home / "out", LESSONS, jobs=2, progress=lambda line: None)
+
+    home = shared_once(tmp_path_factory, "graded-lessons", build)
+    with open(home / "out" / "grades.csv", newline="") as handle:
+        table = {(row["student_id"], row["assignment"]): row for row in csv.DictReader(handle)}
+    return home / "out", table
 
 
 def first_answer(lesson) -> str:
@@ -148,15 +158,32 @@ def test_infinite_loop_times_out_and_the_rest_is_graded_into_the_db_asked_for(tm
     assert not (out / "gradebook.db").exists(), "--db was ignored"
 
 
-def test_kernel_crash_is_recorded_and_leaves_no_partial_grade(graded):
-    from nbgrader.api import Gradebook, MissingEntry
-
+def test_a_kernel_crash_costs_only_the_crashing_cell(graded):
+    """The first answer kills the kernel: it and the test that needs it score 0, every
+    other exercise is graded, and the notes name the cell."""
     out, table = graded
     row = table[("crasher", FAST.name)]
-    assert (row["status"], float(row["score"])) == ("crashed", 0.0)
+    assert row["status"] == "crashed"
+    assert f"cell {first_answer(FAST)} stopped the kernel" in row["notes"]
+    scores, perfect = exercise_scores(out, FAST, "crasher"), exercise_scores(out, FAST, "perfect")
+    assert scores == {**perfect, f"{first_answer(FAST)}-tests": 0}
+    assert float(row["score"]) == sum(scores.values()) > 0
+
+
+def test_grading_stopped_midway_leaves_no_partial_grade(tmp_path):
+    """A notebook that outlives --notebook-timeout is stopped whole: no nbgrader grade is
+    left behind for it, and the row says why."""
+    from nbgrader.api import Gradebook, MissingEntry
+
+    looping = answered_notebook(FAST, {first_answer(FAST): "while True:\n    pass"})
+    hand_in(tmp_path / "in", "looper", FAST, looping)
+    out, table = grade(tmp_path / "in", tmp_path / "out", [FAST], cell_timeout=600, notebook_timeout=5)
+    row = table[("looper", FAST.name)]
+    assert (row["status"], float(row["score"])) == ("timeout", 0.0)
+    assert "grading took longer than 5 s and was stopped" in row["notes"]
     with Gradebook(sqlite_url(out / "gradebook.db"), "attention-course") as gradebook:
         with pytest.raises(MissingEntry):
-            gradebook.find_submission(FAST.name, "crasher")
+            gradebook.find_submission(FAST.name, "looper")
 
 
 def test_deleted_and_edited_test_cells_are_graded_from_the_original(graded):

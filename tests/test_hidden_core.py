@@ -50,3 +50,23 @@ def test_hidden_tests_leave_the_global_random_state_alone():
     torch.manual_seed(123)
     lesson("03").load_torch_mha(answer)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_record_calls_sees_aliased_helpers_inside_forbid():
+    from helpers.flash import block_attention as aliased  # bound before the recorder is set
+
+    q = torch.randn(2, 3, 4)
+    with pytest.raises(_core.ShortcutUsed, match="helpers.attention.softmax"):
+        with _core.forbid(helpers=["helpers.attention.softmax"]):
+            with _core.record_calls(["helpers.flash.block_attention"]) as calls:
+                aliased(q, q[..., :2, :], q[..., :2, :], 0.5)
+                helpers.attention.softmax(q)  # the outer tripwire still sees this
+    assert [(name, tuple(args["k"].shape)) for name, args in calls] == [
+        ("helpers.flash.block_attention", (2, 2, 4))]
+
+
+def test_record_shapes_sees_operators_and_methods():
+    with _core.record_shapes() as shapes:
+        product = torch.randn(3, 5) @ torch.randn(5, 7)
+        product.sum(-1)
+    assert (3, 7) in shapes and (3,) in shapes

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +17,37 @@ from helpers.course.lessons import find_lessons, find_root
 
 
 def _lab(args: argparse.Namespace) -> int:
+    from helpers.course.lab import copy_notebook, run_lab
+
     root = find_root()
-    work = Path(args.dir).resolve() if args.dir else root / "my-work"
-    for lesson in find_lessons(root):
-        target = work / lesson.name
-        if not target.exists() and lesson.student.is_file():
-            target.mkdir(parents=True)
-            shutil.copy2(lesson.student, target / lesson.student.name)
-            print(f"copied {lesson.name} into {target}")
-    print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released)")
-    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={work}"] + args.jupyter_args
-    return subprocess.call(command, cwd=work)
+    if args.instructor:
+        work = Path(args.dir).resolve() if args.dir else root
+    else:
+        work = Path(args.dir).resolve() if args.dir else root / "my-work"
+        for lesson in find_lessons(root):
+            target = work / lesson.name
+            if not target.exists() and lesson.student.is_file():
+                target.mkdir(parents=True)
+                copy_notebook(lesson.student, target / lesson.student.name)
+                print(f"copied {lesson.name} into {target}")
+    if not work.is_dir():
+        raise FileNotFoundError(f"--dir {work} is not a folder")
+    jupyter_args = [f"--ServerApp.root_dir={work}"]
+    if args.port is not None:
+        jupyter_args.append(f"--ServerApp.port={args.port}")
+    if args.ip is not None:
+        jupyter_args.append(f"--ServerApp.ip={args.ip}")
+    if args.no_browser:
+        jupyter_args.append("--ServerApp.open_browser=False")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("running as root (a container or a cloud shell?): starting Jupyter with --allow-root")
+        jupyter_args.append("--ServerApp.allow_root=True")
+    if args.instructor:
+        print(f"opening JupyterLab on {work} with nbgrader's instructor tools (Formgrader, Create Assignment)")
+    else:
+        print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released); Ctrl-C stops it")
+    os.chdir(work)
+    return run_lab(jupyter_args + args.jupyter_args, instructor=args.instructor)
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -61,17 +79,29 @@ def _autograde(args: argparse.Namespace) -> int:
     if not submissions.is_dir():
         print(f"error: submissions folder not found: {submissions.resolve()}", file=sys.stderr)
         return 2
+    if args.roster and not Path(args.roster).is_file():
+        print(f"error: roster not found: {Path(args.roster).resolve()}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
     lessons = find_lessons(find_root(), args.lessons)
-    rows, warnings = autograde(submissions, Path(args.out), lessons, db_url=args.db, jobs=args.jobs,
-                               cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout)
-    for warning in warnings:
-        print(f"warning: {warning}")
+    interactive = sys.stdout.isatty()
+    rows, skipped = autograde(submissions, out, lessons, db_url=args.db, jobs=args.jobs,
+                              cell_timeout=args.timeout, notebook_timeout=args.notebook_timeout,
+                              roster=Path(args.roster) if args.roster else None, force=args.force,
+                              scheduler=args.scheduler, asked=[lesson.name for lesson in lessons]
+                              if args.lessons else None, bar=interactive)
+    for line in skipped[:20]:
+        print(f"not graded: {line}")
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more")
     if not rows:
-        print(f"error: no student submissions found in {submissions.resolve()}", file=sys.stderr)
+        print(f"error: no student submissions found in {submissions.resolve()} "
+              f"(see {out / 'manifest.csv'})", file=sys.stderr)
         return 2
     print()
     print(summary_table(rows))
-    print(f"\ngrades: {Path(args.out) / 'grades.csv'}   feedback: {Path(args.out) / 'feedback'}")
+    print(f"\ngrades: {out / 'grades.csv'}   feedback: {out / 'feedback'}   "
+          f"every file and what became of it: {out / 'manifest.csv'}")
     return 0
 
 
@@ -80,9 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    lab = commands.add_parser("lab", help="open JupyterLab on your own copy of the student notebooks "
-                                          "(other options go to jupyter lab, e.g. --no-browser)")
-    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder)")
+    lab = commands.add_parser(
+        "lab", help="open JupyterLab on your own copy of the student notebooks",
+        description="Open JupyterLab on your own copy of the student notebooks (my-work/), with a "
+                    "student's tools only. Ctrl-C stops it. As root (Docker, cloud shells) it starts "
+                    "Jupyter with --allow-root. Options it does not know go to Jupyter, e.g. "
+                    "--IdentityProvider.token=SECRET.")
+    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder; "
+                                   "with --instructor: the course folder)")
+    lab.add_argument("--port", type=int, help="port to serve on (default: Jupyter's 8888, or the next free one)")
+    lab.add_argument("--ip", help="address to listen on (default: localhost only; "
+                                  "0.0.0.0 inside Docker, with docker run -p 8888:8888)")
+    lab.add_argument("--no-browser", action="store_true",
+                     help="do not open a browser; open the printed URL yourself")
+    lab.add_argument("--instructor", action="store_true",
+                     help="show nbgrader's instructor tools (Formgrader, Create Assignment, course list)")
     lab.set_defaults(run=_lab)
 
     release = commands.add_parser("release", help="rebuild solution and student notebooks from the lesson scripts")
@@ -96,11 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     grade = commands.add_parser("autograde", help="grade a folder of submissions with nbgrader")
-    grade.add_argument("submissions", help="folder of <student>/<lesson>/<notebook>.ipynb, zips or loose files")
+    grade.add_argument("submissions", help="folder of student folders, zips (a class's too) or platform exports")
     grade.add_argument("--out", required=True, help="where grades.csv, feedback/ and the gradebook go")
-    grade.add_argument("--lesson", dest="lessons", action="append", help="grade only this lesson (repeatable)")
-    grade.add_argument("--db", help="gradebook SQLAlchemy URL (default: SQLite in --out)")
-    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="notebooks graded at once")
+    grade.add_argument("--lesson", dest="lessons", action="append",
+                       help="grade only this lesson (repeatable); it is reported for every student")
+    grade.add_argument("--db", help="gradebook: a SQLAlchemy URL such as postgresql://user@host/grades, or a "
+                                    "SQLite file (default: DIR/gradebook.db); relative paths are from here")
+    grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                       help="notebooks graded at once on this machine (default: one per core)")
+    grade.add_argument("--scheduler", metavar="ADDRESS",
+                       help="grade on a Dask cluster (tcp://host:8786) instead of this machine")
+    grade.add_argument("--roster", help="CSV with a student_id column; its other columns hold the ids, "
+                                        "names and logins that platforms use for each student")
+    grade.add_argument("--force", action="store_true",
+                       help="grade again what is unchanged since it was last graded")
     grade.add_argument("--timeout", type=int, default=120, help="seconds a cell may run before it is interrupted")
     grade.add_argument("--notebook-timeout", type=int, default=1800,
                        help="seconds one notebook may take in all before its grading is stopped")

@@ -96,21 +96,25 @@ def nbgrader_config(course_dir: Path, db_url: str, cell_timeout: int = 120) -> C
     return c
 
 
-def nbgrader_api(course_dir: Path, db_url: str, cell_timeout: int = 120):
-    """An ``NbGraderAPI`` for a course folder and a gradebook.
-
-    nbgrader runs the ``alembic`` command when it creates a gradebook, so the folder of this
-    Python's scripts goes on ``PATH``: ``.venv/bin/attention-course`` then works without an
-    activated environment.
-    """
-    from nbgrader.apps import NbGraderAPI
-    from nbgrader.coursedir import CourseDirectory
-
+def scripts_on_path() -> None:
+    """Put the folder of this Python's scripts on ``PATH``: nbgrader runs the ``alembic``
+    command when it creates a gradebook, and ``.venv/bin/attention-course`` must work
+    without an activated environment."""
     scripts = {sysconfig.get_path("scripts"), str(Path(sys.executable).parent)}
     path = os.environ.get("PATH", "").split(os.pathsep)
     os.environ["PATH"] = os.pathsep.join([folder for folder in scripts if folder not in path] + path)
-    config = nbgrader_config(course_dir, db_url, cell_timeout)
-    return NbGraderAPI(coursedir=CourseDirectory(config=config), config=config)
+
+
+def nbgrader_api(course_dir: Path, db_url: str, cell_timeout: int = 120, config: Config | None = None):
+    """An ``NbGraderAPI`` for a course folder and a gradebook (``config`` adds settings)."""
+    from nbgrader.apps import NbGraderAPI
+    from nbgrader.coursedir import CourseDirectory
+
+    scripts_on_path()
+    settings = nbgrader_config(course_dir, db_url, cell_timeout)
+    if config is not None:
+        settings.merge(config)
+    return NbGraderAPI(coursedir=CourseDirectory(config=settings), config=settings)
 
 
 def nbgrader_failure(what: str, result: dict) -> str:

@@ -57,6 +57,19 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
+@contextmanager
+def reporting_seed(seed: int) -> Iterator[None]:
+    """Name ``seed`` in any failure inside the block, so that a draw can be replayed; an
+    error raised by the answer itself becomes a :class:`HiddenTestFailed` that names it."""
+    try:
+        yield
+    except HiddenTestFailed as failure:
+        raise type(failure)(f"{failure} (seed {seed})") from None
+    except Exception as error:  # noqa: BLE001 - any error of the answer fails the test
+        raise HiddenTestFailed(f"the answer raised {type(error).__name__}: {error} "
+                               f"(seed {seed})") from error
+
+
 def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference, computed in float64; NaN where either side has NaN."""
     a = torch.as_tensor(actual).detach().to("cpu", torch.float64)
@@ -151,3 +164,55 @@ def forbid(torch_functions: Iterable[str] = (), helpers: Iterable[str] = ()) -> 
     if used:
         raise ShortcutUsed("the answer calls " + ", ".join(used)
                            + ": this exercise asks you to write it yourself")
+
+
+@contextmanager
+def record_calls(qualnames: Iterable[str]) -> Iterator[list[tuple[str, dict]]]:
+    """Record, in order, every call made inside the block to the named ``helpers`` functions:
+    a list of (qualified name, the arguments of the call by name).
+
+    It chains to a profiler already set (so it works inside :func:`forbid`), and matches
+    functions by their code, so it sees calls to the student's own copy of ``helpers``.
+    """
+    code_keys = _helpers_code(qualnames)
+    calls: list[tuple[str, dict]] = []
+    previous = sys.getprofile()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            hit = code_keys.get(_code_key(frame.f_code))
+            if hit:
+                calls.append((hit, dict(frame.f_locals)))
+        if previous is not None:
+            previous(frame, event, arg)
+
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)
+
+
+class _TensorShapes(TorchFunctionMode):
+    """Records the shape of every tensor that a torch function returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.shapes.append(tuple(value.shape))
+        return result
+
+
+@contextmanager
+def record_shapes() -> Iterator[list[tuple[int, ...]]]:
+    """The shapes of the tensors that torch functions, methods and operators return inside
+    the block: to see whether an answer builds a matrix it was asked to avoid."""
+    _warm_up_torch()
+    mode = _TensorShapes()
+    with mode:
+        yield mode.shapes
