@@ -28,7 +28,7 @@
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
 import math
@@ -42,13 +42,14 @@ from torch import Tensor
 from helpers import kv_cache as reference
 from helpers import plotting, tasks
 from helpers.attention import MultiHeadAttention, causal_mask, merge_heads, split_heads
-from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
+from helpers.device import get_device, is_autograding, seed_everything
 from helpers.kv_cache import (HeavyHitterCache, KVCache, QuantizedKVCache, SinkCache,
                               kv_cache_bytes)
 from helpers.transformer import GPT, train_next_token
 
 device = get_device()
 seed_everything(0)
+torch.set_num_threads(1)  # every tensor here is small: more threads would only wait on each other
 SHORT = is_autograding()  # the autograder runs shorter experiments
 print(f"device: {device}; short experiments: {SHORT}")
 
@@ -297,13 +298,12 @@ def append_seconds(n: int, concatenate: bool) -> float:
 
 
 bytes_per_token = 2 * 8 * 64 * 4  # keys and values, float32
-with one_cpu_thread():
-    for n in (128, 256) if SHORT else (256, 512, 1024):
-        cat_s, grow_s = append_seconds(n, True), append_seconds(n, False)
-        print(f"n = {n:>4}: torch.cat {1e3 * cat_s:6.1f} ms, copying "
-              f"{n * (n + 1) / 2 * bytes_per_token / 2**20:5.0f} MiB; preallocated "
-              f"{1e3 * grow_s:5.1f} ms, copying at most {2 * n * bytes_per_token / 2**20:3.0f} "
-              f"MiB: torch.cat is {cat_s / grow_s:4.1f}x slower")
+for n in (128, 256) if SHORT else (256, 512, 1024):
+    cat_s, grow_s = append_seconds(n, True), append_seconds(n, False)
+    print(f"n = {n:>4}: torch.cat {1e3 * cat_s:6.1f} ms, copying "
+          f"{n * (n + 1) / 2 * bytes_per_token / 2**20:5.0f} MiB; preallocated "
+          f"{1e3 * grow_s:5.1f} ms, copying at most {2 * n * bytes_per_token / 2**20:3.0f} "
+          f"MiB: torch.cat is {cat_s / grow_s:4.1f}x slower")
 
 # %% [markdown]
 # The bytes `torch.cat` copies grow with $n^2$, those of the preallocated cache with $n$:
@@ -377,10 +377,9 @@ N_NEW = 64 if SHORT else 256
 seed_everything(0)
 timing_model = GPT(256, 128, n_layers=4, n_heads=4, max_len=16 + N_NEW).to(device).eval()
 prompt = torch.randint(0, 256, (1, 16), device=device)
-with one_cpu_thread():
-    timed_generation(timing_model, prompt, 4, cached=True)  # warm-up
-    runs = {name: timed_generation(timing_model, prompt, N_NEW, cached)
-            for name, cached in (("no cache", False), ("KV cache", True))}
+timed_generation(timing_model, prompt, 4, cached=True)  # warm-up
+runs = {name: timed_generation(timing_model, prompt, N_NEW, cached)
+        for name, cached in (("no cache", False), ("KV cache", True))}
 assert torch.equal(runs["no cache"][0], runs["KV cache"][0]), "the tokens differ"
 WINDOW = 16  # steps averaged per point: single steps are noisy
 ends = list(range(WINDOW, N_NEW + 1, WINDOW))  # tokens generated at the end of each window
@@ -431,13 +430,12 @@ real = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
 for row, p in enumerate(prompts):  # left padding
     padded[row, longest - len(p):], real[row, longest - len(p):] = p, True
 N_BATCH = 16 if SHORT else 48
-with one_cpu_thread():
-    start = time.perf_counter()
-    batched = timing_model.generate(padded, N_BATCH, attention_mask=real)
-    batched_s = time.perf_counter() - start
-    start = time.perf_counter()
-    alone = [timing_model.generate(p[None], N_BATCH)[0] for p in prompts]
-    alone_s = time.perf_counter() - start
+start = time.perf_counter()
+batched = timing_model.generate(padded, N_BATCH, attention_mask=real)
+batched_s = time.perf_counter() - start
+start = time.perf_counter()
+alone = [timing_model.generate(p[None], N_BATCH)[0] for p in prompts]
+alone_s = time.perf_counter() - start
 same = all(torch.equal(batched[row, longest - len(p):], a)
            for row, (p, a) in enumerate(zip(prompts, alone)))
 print(f"{len(prompts)} prompts of {min(prompt_lengths)} to {longest} tokens, {N_BATCH} new "
@@ -628,11 +626,10 @@ seed_everything(0)
 rule_model = GPT(N_SYMBOLS + N_RULES + 1, 64, n_layers=2, n_heads=4, max_len=2 * N_PAIRS + 1,
                  d_ff=128).to(device)
 start = time.perf_counter()
-with one_cpu_thread():
-    losses = train_next_token(
-        rule_model, lambda: tasks.rule_stream(64, N_PAIRS, N_SYMBOLS, N_RULES, generator=g,
-                                              device=device),
-        steps=30 if SHORT else 120, lr=3e-3)
+losses = train_next_token(
+    rule_model, lambda: tasks.rule_stream(64, N_PAIRS, N_SYMBOLS, N_RULES, generator=g,
+                                          device=device),
+    steps=30 if SHORT else 120, lr=3e-3)
 print(f"{len(losses)} steps in {time.perf_counter() - start:.1f} s; loss "
       f"{sum(losses[-10:]) / 10:.3f} (guessing among the {N_RULES} rules' answers: "
       f"ln {N_RULES} = {math.log(N_RULES):.3f}; ignoring x too: ln {N_SYMBOLS} = "
@@ -660,19 +657,18 @@ def quality(make_cache) -> tuple[float, float]:
 
 
 full = KVCache(2)
-with one_cpu_thread():
-    ceiling = reference.cache_accuracy(rule_model, eval_inputs, eval_targets, full, prefill=2,
-                                       scored_from=length // 2)
-    full_nbytes = full.nbytes
-    budgets = (8, 24) if SHORT else (8, 16, 24, 32)
-    methods = {
-        "sliding window": lambda b: SinkCache(2, window=b, n_sinks=0),
-        "4 sinks + window (StreamingLLM)": lambda b: SinkCache(2, window=b - 4, n_sinks=4),
-        "heavy hitters (H2O)": lambda b: HeavyHitterCache(2, budget=b, n_recent=b // 2),
-    }
-    results = {name: [quality(lambda: make(b)) for b in budgets] for name, make in methods.items()}
-    quantized = {f"KIVI {bits}-bit": quality(lambda: QuantizedKVCache(2, bits=bits, residual=8))
-                 for bits in (8, 4)}
+ceiling = reference.cache_accuracy(rule_model, eval_inputs, eval_targets, full, prefill=2,
+                                   scored_from=length // 2)
+full_nbytes = full.nbytes
+budgets = (8, 24) if SHORT else (8, 16, 24, 32)
+methods = {
+    "sliding window": lambda b: SinkCache(2, window=b, n_sinks=0),
+    "4 sinks + window (StreamingLLM)": lambda b: SinkCache(2, window=b - 4, n_sinks=4),
+    "heavy hitters (H2O)": lambda b: HeavyHitterCache(2, budget=b, n_recent=b // 2),
+}
+results = {name: [quality(lambda: make(b)) for b in budgets] for name, make in methods.items()}
+quantized = {f"KIVI {bits}-bit": quality(lambda: QuantizedKVCache(2, bits=bits, residual=8))
+             for bits in (8, 4)}
 
 plotting.quality_by_memory(
     results, quantized, ceiling, chance=(1 / N_RULES, f"rule forgotten: 1/{N_RULES}"),
