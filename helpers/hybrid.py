@@ -51,7 +51,7 @@ from helpers.attention import (
     split_heads,
 )
 from helpers.device import one_cpu_thread, peak_memory
-from helpers.kv_cache import KVCache, kv_cache_bytes
+from helpers.kv_cache import KVCache, SinkCache, kv_cache_bytes
 from helpers.linear_attention import elu_feature_map, linear_attention
 from helpers.rope import apply_rope, rope_cos_sin
 from helpers.sliding_window import sliding_window_attention
@@ -470,13 +470,21 @@ class Hybrid(nn.Module):
 
     def empty_cache(self, batch: int, kv_cache: object | None = None,
                     device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> HybridCache:
-        """A cache for ``batch`` new sequences: ``kv_cache`` for the attention layers (a
-        :class:`~helpers.kv_cache.KVCache` with one layer per attention layer by default; any
-        cache of :mod:`helpers.kv_cache` will do), zero states for the others."""
-        n_attention = self.config.count("A")
+                    dtype: torch.dtype | None = None, capacity: int = 64) -> HybridCache:
+        """A cache for ``batch`` new sequences: ``kv_cache`` for the attention layers, zero
+        states for the others.
+
+        By default the attention layers get one layer each of a
+        :class:`~helpers.kv_cache.KVCache` with room for ``capacity`` tokens (it grows as
+        needed), or, with a sliding window, Mistral's rolling buffer
+        ``SinkCache(n, window, n_sinks=0)``, which keeps the last ``window`` tokens and no
+        more (attention never reads further back); any cache of :mod:`helpers.kv_cache` will
+        do.
+        """
+        n_attention, window = self.config.count("A"), self.config.window
         if kv_cache is None and n_attention:
-            kv_cache = KVCache(n_attention)
+            kv_cache = (KVCache(n_attention, capacity) if window is None
+                        else SinkCache(n_attention, window=window, n_sinks=0))
         states = {"L": [], "M": []}
         for layer in self.layers:
             if layer.kind in states:
@@ -492,16 +500,19 @@ class Hybrid(nn.Module):
         measures a step at a long context without paying for the prompt first.
         """
         p = self.lm_head.weight
-        cache = self.empty_cache(batch)
+        cache = self.empty_cache(batch, capacity=seq_len + 64)  # room for the steps to time
 
         def draw(*shape: int) -> torch.Tensor:
             return torch.rand(*shape, generator=generator).to(p.device, p.dtype)
 
         c = self.config
         if cache.kv is not None:
+            kept = seq_len if c.window is None else min(seq_len, c.window)
+            positions = (None if kept == seq_len  # the window's: the last ones
+                         else torch.arange(seq_len - kept, seq_len, device=p.device))
             for slot in range(c.count("A")):
-                shape = (batch, c.n_kv_heads, seq_len, c.head_dim)
-                cache.kv.update(slot, draw(*shape), draw(*shape))
+                shape = (batch, c.n_kv_heads, kept, c.head_dim)
+                cache.kv.update(slot, draw(*shape), draw(*shape), positions)
         for state in cache.mamba:
             state.conv, state.ssm = draw(*state.conv.shape), draw(*state.ssm.shape)
         for state in cache.linear:  # positive sums, as φ(k) > 0 makes them
@@ -537,16 +548,24 @@ class Hybrid(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
 
-        Greedy by default (sampling as :func:`helpers.transformer.next_token`). With
-        ``use_cache`` the prompt runs once and fills ``cache`` (:meth:`empty_cache` by
-        default), then each new token is one step; without, every step reruns the whole text.
-        A given cache holds earlier tokens: idx is then only what it has not seen.
+        As :meth:`helpers.transformer.GPT.generate`: greedy by default (sampling as
+        :func:`helpers.transformer.next_token`). With ``use_cache`` the prompt runs once and
+        fills ``cache`` (:meth:`empty_cache` by default), then each new token is one step;
+        without, every step reruns the whole text. A given cache that already holds the first
+        tokens of idx continues after them.
         """
         if use_cache and cache is None:
-            cache = self.empty_cache(idx.shape[0])
-        return decode(lambda tokens: self(tokens, cache=cache if use_cache else None,
-                                          last_only=True)[:, -1],
-                      idx, max_new_tokens, use_cache, do_sample, temperature, top_k, generator)
+            cache = self.empty_cache(idx.shape[0], capacity=idx.shape[1] + max_new_tokens)
+        if use_cache and cache.seq_len >= idx.shape[1]:
+            raise ValueError(f"the cache already holds {cache.seq_len} tokens but idx has only "
+                             f"{idx.shape[1]}: idx must continue what the cache holds")
+
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            return self(tokens[:, start:], cache=cache if use_cache else None,
+                        last_only=True)[:, -1]  # (B, V)
+
+        return decode(step, idx, max_new_tokens, use_cache, cache.seq_len if use_cache else 0,
+                      do_sample, temperature, top_k, generator)
 
     def decode_memory_bytes(self, seq_len: int, batch: int = 1,
                             bytes_per_elem: int | None = None) -> dict[str, int]:

@@ -309,16 +309,15 @@ importlib.reload(helpers.hidden).lesson("11").generate(generate)
 
 # %% [markdown]
 # The demo model, generating: the KV cache grows by one token per step in its two attention
-# layers, while its six Mamba states keep their size.
+# layers, while its six Mamba states keep their size. (`Hybrid.generate` continues the text
+# on a cache that already holds its beginning, as GPT's and Llama's `generate` do.)
 
 # %%
 demo_cache = demo.empty_cache(1)
-prompt = torch.randint(64, (1, 8), device=device)
-with torch.no_grad():
-    for new_tokens in (0, 32, 256):
-        demo.generate(prompt if new_tokens == 0 else prompt[:, -1:], new_tokens or 1,
-                      cache=demo_cache)
-        print(f"after {demo_cache.seq_len:>3} tokens: bytes by kind {demo_cache.nbytes_by_kind()}")
+text = torch.randint(64, (1, 8), device=device)
+for new_tokens in (1, 32, 256):
+    text = demo.generate(text, new_tokens, cache=demo_cache)
+    print(f"after {demo_cache.seq_len:>3} tokens: bytes by kind {demo_cache.nbytes_by_kind()}")
 
 # %% [markdown]
 # ## 5. Memory at a context length
