@@ -448,9 +448,10 @@ class Hybrid(nn.Module):
     (Lieber et al., 2024), and with ``"AAAA"``, ``"LLLL"`` or ``"MMMM"`` a transformer, a
     linear transformer or a Mamba.
 
-    Token embeddings (:class:`TokenEmbedding`; no positions beyond RoPE in attention layers: the recurrent layers know
-    the order), one :class:`HybridLayer` per character of ``config.layout``, a final RMSNorm
-    and an LM head (tied to the embedding when ``config.tie_embeddings``).
+    Token embeddings (:class:`TokenEmbedding`; no positions beyond RoPE in attention layers:
+    the recurrent layers know the order), one :class:`HybridLayer` per character of
+    ``config.layout``, a final RMSNorm and an LM head (tied to the embedding when
+    ``config.tie_embeddings``).
     """
 
     def __init__(self, config: HybridConfig):

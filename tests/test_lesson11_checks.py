@@ -59,7 +59,8 @@ def _forward(mistake: str):
         start = 0 if cache is None or mistake == "positions_restart" else cache.seq_len
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = model.embedding(idx, None if mistake == "embedding_without_cache" else cache)
-        for i, (layer, (_, slot)) in enumerate(zip(model.layers, reference.layer_plan(model.layout))):
+        plan = reference.layer_plan(model.layout)
+        for i, (layer, (_, slot)) in enumerate(zip(model.layers, plan)):
             if mistake == "layers_without_cache":
                 x = layer(x, positions)
             else:

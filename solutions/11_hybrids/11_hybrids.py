@@ -97,7 +97,7 @@ print(f"a value out of {VOCABULARY:,} takes {bits_per_pair:.1f} bits: the state 
       f"cache holds every pair it has seen")
 
 # %% [markdown]
-# A bound of thousands of pairs per layer looks generous, but it is a ceiling that no
+# A bound of this size per layer looks generous, but it is a ceiling that no
 # trained model reaches (the state also has to carry everything else), and a long document
 # exceeds it. Section 6 measures how recall fails in practice when a small model of each
 # kind is trained the same way.
@@ -468,7 +468,8 @@ for name, layout in RECALL_LAYOUTS.items():
     recall_rows.append((name, layout, width, reference.count_parameters(model),
                         recall_curves[name][-1], sum(memory.values()),
                         time.perf_counter() - start))
-print(f"MQAR, {MQAR_PAIRS} pairs, {MQAR_STEPS} steps; parameter budget {budget:,}")
+print(f"MQAR, {MQAR_PAIRS} pairs, {MQAR_STEPS} steps; parameter budget {budget:,}; chance "
+      f"{1 / (MQAR_VOCAB // 2):.0%}")
 print(f"{'model':>17} | layout | width | parameters | accuracy | memory at the last query "
       f"| train time")
 for name, layout, width, n_params, accuracy, memory, seconds in recall_rows:
@@ -555,7 +556,7 @@ importlib.reload(helpers.hidden).lesson("11").time_per_token(time_per_token)
 # * **MHA** (lessons 02-03): attention with its weights materialised;
 # * **FlashAttention** (lesson 06): the same attention by tiles, the course's Python version;
 # * **GQA** (lesson 07): 2 K/V heads for the 4 query heads, on PyTorch's fused kernel;
-# * **sliding window** (lesson 07): each query sees its last 256 keys (banded when
+# * **sliding window** (lesson 07): each query sees its last `TABLE_WINDOW` keys (banded when
 #   prefilling, a rolling cache when decoding);
 # * **linear attention** (lesson 08), **Mamba** (lesson 10);
 # * the **hybrid**: Jamba's `"MMMMAMMM"`, its attention with 2 K/V heads.
@@ -570,11 +571,12 @@ importlib.reload(helpers.hidden).lesson("11").time_per_token(time_per_token)
 
 # %%
 TABLE_BASE = dict(vocab_size=256, d_model=64, n_heads=4, d_ff=0)
+TABLE_WINDOW = 64
 MECHANISMS = {
     "MHA": HybridConfig(layout="A" * 8, kernel="reference", **TABLE_BASE),
     "FlashAttention": HybridConfig(layout="A" * 8, kernel="flash", **TABLE_BASE),
     "GQA": HybridConfig(layout="A" * 8, n_kv_heads=2, **TABLE_BASE),
-    "sliding window": HybridConfig(layout="A" * 8, window=256, **TABLE_BASE),
+    "sliding window": HybridConfig(layout="A" * 8, window=TABLE_WINDOW, **TABLE_BASE),
     "linear attention": HybridConfig(layout="L" * 8, **TABLE_BASE),
     "Mamba": HybridConfig(layout="M" * 8, **TABLE_BASE),
     "hybrid": HybridConfig(layout=jamba_layout(8), n_kv_heads=2, **TABLE_BASE),
@@ -586,7 +588,7 @@ mechanisms = {name: Hybrid(config).to(device).eval() for name, config in MECHANI
 start = time.perf_counter()
 rows = reference.compare_mechanisms(mechanisms, DECODE, prefill_contexts=PREFILL, repeats=5,
                                     generator=torch.Generator().manual_seed(0))
-print(f"measured in {time.perf_counter() - start:.1f} s\n")
+print(f"measured in {time.perf_counter() - start:.1f} s; the window is {TABLE_WINDOW} tokens\n")
 measured = {(row.mechanism, row.context): row for row in rows}
 print(f"{'':>16} | prefill, n = {PREFILL[-1]:<6}     | decode, n = {DECODE[-1]}")
 print(f"{'mechanism':>16} | µs/token | peak MiB | ms/token | cache MiB | from the formula")
@@ -634,8 +636,8 @@ for name in mechanisms:
 #
 # * **Decode memory** is exact and machine-independent (and equal to the formula of
 #   exercise 4): the KV caches of MHA, FlashAttention and GQA grow in proportion to the
-#   context, GQA's at half the size; the window's stops at 256 tokens; linear attention and
-#   Mamba keep the same few kilobytes at every length; the hybrid's grows at an eighth of
+#   context, GQA's at half the size; the window's stops at `TABLE_WINDOW` tokens; linear attention
+#   and Mamba keep the same small state at every length; the hybrid's grows at an eighth of
 #   GQA's rate, on top of its Mamba states.
 # * **Decode time**: a step of attention reads its whole cache, so its time grows with the
 #   context once the cache, not the fixed cost of the layers, dominates (at the longest
@@ -651,18 +653,37 @@ for name in mechanisms:
 #
 # ## 9. The big picture
 #
-# | lesson | mechanism | prompt of $n$ tokens | memory to decode | one decode step | recall |
-# |---|---|---|---|---|---|
-# | 01 | RNN | $O(n)$, sequential | $O(1)$ | $O(1)$ | fades with distance |
-# | 02-05 | softmax attention (MHA) | $O(n^2)$ time and memory | $O(n)$ | $O(n)$ | exact |
-# | 06 | FlashAttention | $O(n^2)$ time, $O(n)$ memory | $O(n)$ | $O(n)$ | exact |
-# | 07 | GQA / MQA | as MHA | $O(n)$, $n_{kv}/n_{heads}$ of it | $O(n)$ | exact |
-# | 07 | sliding window $W$ | $O(nW)$ | $O(W)$ | $O(W)$ | exact within $W$ |
-# | 08 | ring attention | $O(n^2/P)$ per device | $O(n/P)$ per device | | exact |
-# | 08 | linear attention | $O(n)$ | $O(1)$ | $O(1)$ | limited by the state |
-# | 09 | compressed KV caches | as attention | a budget | $O(\text{budget})$ | what was kept |
-# | 10 | Mamba | $O(n)$, parallel scan | $O(1)$ | $O(1)$ | selective, limited by the state |
-# | 11 | hybrid (1 attention in $k$) | mostly $O(n)$ | $O(n/k)$ | $O(n/k)$ | exact, from its attention layers |
+# The measured numbers in one table, at the longest contexts, with the recall each trained
+# model reached in section 6 (the attention there is plain MHA):
+
+# %%
+RECALL_OF = {"MHA": "softmax attention", "linear attention": "linear attention",
+             "Mamba": "Mamba", "hybrid": "hybrid"}
+recall = {name: accuracies[-1] for name, accuracies in recall_curves.items()}
+print(f"{'mechanism':>16} | prefill µs/token, n = {PREFILL[-1]} | decode ms/token, n = "
+      f"{DECODE[-1]} | cache MiB, n = {DECODE[-1]} | MQAR recall, {MQAR_PAIRS} pairs")
+for name in mechanisms:
+    prefill, last = measured[name, PREFILL[-1]], measured[name, DECODE[-1]]
+    accuracy = f"{recall[RECALL_OF[name]]:.0%}" if name in RECALL_OF else "(as MHA)"
+    print(f"{name:>16} | {1e6 * prefill.prefill_s:>27.0f} | {1e3 * last.decode_s:>25.2f} | "
+          f"{last.cache_bytes / 2**20:>18.3f} | {accuracy:>8}")
+
+# %% [markdown]
+# And every mechanism of the course, in the terms of its costs ($n$ tokens of context,
+# $d$ the width; constant factors and the feed-forward layers left out):
+#
+# | lesson | mechanism | training on $n$ tokens | one decode step | memory to decode | good at | bad at |
+# |---|---|---|---|---|---|---|
+# | 01 | RNN | $O(n d^2)$, sequential in $n$ | $O(d^2)$ | $O(d)$ | constant memory | long-range gradients and recall: everything passes through one vector |
+# | 02-05 | softmax attention (MHA) | $O(n^2 d)$ time, $O(n^2)$ memory | $O(n d)$ | $O(n d)$ KV cache | exact recall of any token; parallel training | quadratic prompt; a cache that grows with $n$ |
+# | 06 | FlashAttention | $O(n^2 d)$ time, $O(n d)$ memory | as MHA | as MHA | the same attention without the $n \times n$ matrix: long prompts fit | still quadratic time; a kernel per device |
+# | 07 | GQA / MQA | as MHA | $O(n d \cdot n_{kv}/n_{heads})$ reads | $n_{kv}/n_{heads}$ of MHA's cache | a smaller, faster cache, little quality lost | the cache still grows with $n$ |
+# | 07 | sliding window $W$ | $O(n W d)$ | $O(W d)$ | $O(W d)$ | bounded cost; depth widens the reach | no direct recall beyond $W$ tokens |
+# | 08 | ring attention | $O(n^2 d / P)$ per device | as MHA | $O(n d / P)$ per device | contexts longer than one device holds | communication; $P$ devices |
+# | 08 | linear attention | $O(n d^2)$ | $O(d^2)$ | $O(d^2)$ per head, constant | linear time, constant state | recall: a sum of outer products blurs keys together |
+# | 09 | compressed KV caches | as attention | $O(\text{budget})$ | a budget | long generations in fixed memory | what was evicted or rounded is lost |
+# | 10 | Mamba | $O(n d N)$, parallel scan | $O(d N)$ | $O(d N)$, constant | linear time, constant state, selective memory | exact recall once the pairs outgrow the state |
+# | 11 | hybrid, 1 attention layer in $k$ | mostly $O(n d N)$, plus $O(n^2 d)$ in $1/k$ of the layers | $O(n d / k)$ | $O(n d / k)$ KV cache + constant states | attention's recall at a fraction of its cache | still grows with $n$; the best mix is still an open question |
 #
 # No row wins every column. Attention is the only mechanism that recalls anything exactly,
 # and everything the course built around it (tiles, grouped heads, windows, rings, caches)
