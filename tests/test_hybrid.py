@@ -2,8 +2,8 @@
 with the weights of Hugging Face's ``LlamaForCausalLM`` / ``MistralForCausalLM`` (logits and
 greedy tokens, with each attention kernel, GQA and a sliding window), an all-Mamba stack with
 the weights of ``MambaForCausalLM``, Jamba's layout against ``JambaConfig``, linear attention
-against its definition written out in the test, parameter counts against a hand count;
-then the promises that have no outside oracle: cached pieces equal one pass, cached
+against its definition written out in the test, parameter counts against a hand count, the
+MQAR trainer and its accuracy against an exact look-up solver; then the promises that have no outside oracle: cached pieces equal one pass, cached
 generation equals uncached, memory formulas equal the bytes a real cache holds."""
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ from helpers.hybrid import (
 )
 from helpers.kv_cache import QuantizedKVCache, SinkCache
 from helpers.ssm import Mamba
+from helpers.tasks import (
+    IGNORE_INDEX,
+    associative_recall_task,
+    recall_accuracy,
+    train_associative_recall,
+)
 from helpers.transformer import Llama
 
 VOCAB = 61
@@ -397,6 +403,47 @@ def test_compare_mechanisms_measures_every_model_at_every_context():
         if decoded:
             model = models[row.mechanism]
             assert row.cache_bytes == sum(model.decode_memory_bytes(row.context).values())
+
+
+class LookUp(torch.nn.Module):
+    """Solves MQAR exactly, written out in the test: at each token, the token that followed
+    its first earlier occurrence (one-hot logits); a parameter of weight 0 lets Adam run."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.unused = vocab, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, L = idx.shape
+        earlier = torch.ones(L, L, dtype=torch.bool).tril(-1)  # j < t
+        match = (idx[:, :, None] == idx[:, None, :]) & earlier  # (B, t, j)
+        first = match.int().argmax(dim=-1).clamp(max=L - 2)  # (B, L)
+        answer = idx.gather(1, first + 1)  # (B, L)
+        return torch.nn.functional.one_hot(answer, self.vocab).float() + 0 * self.unused
+
+
+def test_recall_training_and_accuracy_score_exactly_the_queries():
+    vocab, pairs = 24, 5
+    test = associative_recall_task(64, pairs, vocab, generator=torch.Generator().manual_seed(4))
+    assert recall_accuracy(LookUp(vocab), *test) == 1.0
+    curve = train_associative_recall(LookUp(vocab), pairs, vocab, steps=6, batch=8,
+                                     generator=torch.Generator().manual_seed(5), test=test,
+                                     test_every=2)
+    assert curve == [1.0, 1.0, 1.0]  # after steps 2 and 4, and after the last
+    tokens, targets = test
+    wrong = targets.clone()
+    asked = wrong != IGNORE_INDEX
+    wrong[asked.nonzero()[::2].unbind(1)] = 0  # every other query's answer changed
+    assert recall_accuracy(LookUp(vocab), tokens, wrong) == pytest.approx(
+        1 - (asked.sum().item() + 1) // 2 / asked.sum().item())
+
+
+def test_a_small_hybrid_learns_some_recall_in_a_few_steps():
+    torch.manual_seed(6)
+    model = Hybrid(HybridConfig(32, 32, "AM", n_heads=1, d_state=4, d_ff=0, token_shift=True))
+    curve = train_associative_recall(model, 3, 32, steps=60, batch=32, lr=1e-2,
+                                     generator=torch.Generator().manual_seed(7))
+    assert len(curve) == 1 and curve[0] > 0.5  # chance is 1/16
 
 
 @cuda

@@ -166,9 +166,15 @@ def generate(student: Callable) -> None:
             config = _config(rng, layout, rope=rng.random() < 0.5,
                              token_shift=rng.random() < 0.5)
             model = _model(rng, config, torch.float64)
-            # a prompt of 2 or more: the logits of its first position are not its last's
+            # a prompt of 2 or more, so that the first position's logits are not the last's
             B, L, n_new = rng.randint(1, 3), rng.randint(2, 6), rng.randint(2, 8)
             prompt = _tokens(rng, config.vocab_size, B, L)
+            for _ in range(50):  # one whose first and last positions pick different tokens
+                with torch.no_grad():
+                    logits = model(prompt)  # (B, L, V)
+                if (logits[:, 0].argmax(-1) != logits[:, -1].argmax(-1)).any():
+                    break
+                prompt = _tokens(rng, config.vocab_size, B, L)
             expected = _greedy(model, prompt, n_new)
             calls: list[tuple[int, bool]] = []
 
