@@ -1,8 +1,12 @@
-"""Shared timing for the benchmarks: medians of interleaved runs, on any device."""
+"""Shared timing for the benchmarks: medians of interleaved runs, on any device; and the peak
+memory of one call, measured in a fresh process."""
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -32,3 +36,38 @@ def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, repeat
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _rss_added_by(setup: Callable[[], tuple], fn: Callable[..., object]) -> int:
+    """In the child: build the inputs, reset the peak-RSS mark, run ``fn``, return the bytes
+    of resident memory that its peak added to what the inputs already held."""
+    inputs = setup()
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux: reset VmHWM, the peak resident set, to the current one
+    fn(*inputs)
+    return 1024 * (_status_kib("VmHWM") - before)
+
+
+def peak_rss_bytes(setup: Callable[[], tuple], fn: Callable[..., object]) -> int:
+    """Peak resident memory that ``fn(*setup())`` adds on the CPU, in bytes, in a fresh process.
+
+    Everything the call touches counts (every tensor, the scratch space inside fused kernels,
+    the allocator's slack), and nothing left over by earlier measurements does: each runs in
+    a new ``spawn``-ed Python whose peak mark (``VmHWM``) is reset after ``setup()`` built
+    the inputs. ``setup`` and ``fn`` must be picklable (module-level functions). Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("peak_rss_bytes reads /proc/self/status and needs Linux")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_rss_added_by, (setup, fn))

@@ -4,8 +4,13 @@ The reference implementations that later lessons import. Conventions follow
 ``torch.nn.functional.scaled_dot_product_attention``: tensors are ``(batch, heads, seq,
 head_dim)`` (any leading dims work), a boolean mask is ``True`` where attention is allowed
 and broadcasts against ``(batch, heads, L, S)``, and ``scale`` defaults to ``1/sqrt(head_dim)``.
-Two choices differ from PyTorch on purpose: a query row whose mask allows nothing yields
-zeros (not NaN), and :func:`causal_mask` is aligned bottom right, as a KV-cache decode needs.
+
+A query row whose mask allows nothing yields zeros, with zero gradients. PyTorch's
+``F.scaled_dot_product_attention`` does the same on the CPU since torch 2.5 (its
+``_safe_softmax``, pytorch/pytorch#133882); before 2.5 it returned NaN there, and
+``torch.softmax`` over a row of ``-inf`` and ``nn.MultiheadAttention`` with every key masked
+still return NaN. One choice differs from PyTorch: :func:`causal_mask` is aligned bottom
+right, as a KV-cache decode needs (``is_causal=True`` is aligned top left when L != S).
 
 Papers: Vaswani et al. (2017) "Attention Is All You Need"; Shazeer (2019) "Fast Transformer
 Decoding: One Write-Head is All You Need" (MQA); Ainslie et al. (2023) "GQA: Training
@@ -22,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -266,15 +272,32 @@ class MultiHeadAttention(nn.Module):
         return ours
 
 
+def _sdpa_zeroes_masked_rows(device: torch.device | str,
+                            version: str = torch.__version__) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` gives zeros and zero gradients, not NaN, for
+    a query row whose mask allows nothing, on ``device`` with torch ``version``.
+
+    Yes on the CPU from torch 2.5 (pytorch/pytorch#133882). Torch 2.2 to 2.4 return NaN; the
+    CUDA kernels (cuDNN, memory-efficient) have returned NaN for such rows in releases after
+    2.5 too, so any other device is treated as not zeroing them.
+    """
+    return torch.device(device).type == "cpu" and TorchVersion(version) >= (2, 5)
+
+
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
+                     mask: torch.Tensor | None, guard: bool | None = None) -> torch.Tensor:
     """The fast path of :class:`MultiHeadAttention`: PyTorch's fused SDPA kernel, (B, H, L, D).
 
-    PyTorch returns NaN for a query row whose mask allows nothing; we let such rows attend
-    everywhere (so no NaN reaches the gradients) and then zero them, as the reference does.
+    Where PyTorch may return NaN for a query row whose mask allows nothing
+    (``guard``, by default ``not _sdpa_zeroes_masked_rows(q.device)``), such rows attend
+    everywhere (so no NaN reaches the gradients) and are then zeroed, as the reference does.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if guard is None:
+        guard = not _sdpa_zeroes_masked_rows(q.device)
+    if not guard:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     is_bool = mask.dtype == torch.bool
     allowed = mask if is_bool else ~torch.isneginf(mask)  # broadcasts to (B, H, L, S)
     has_key = allowed.any(dim=-1, keepdim=True)  # (..., L, 1)

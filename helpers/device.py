@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def get_device(prefer: str | None = None) -> torch.device:
@@ -64,3 +67,56 @@ def one_cpu_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that operators create while it is active, and
+    takes them off the count when the storage dies: the live total and its peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.known: dict[int, int] = {}  # id of each storage alive -> its bytes counted here
+        self.live = self.peak = 0
+
+    def _track(self, storage: torch.UntypedStorage, nbytes: int) -> None:
+        self.known[id(storage)] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._forget, id(storage))
+
+    def _forget(self, key: int) -> None:
+        self.live -= self.known.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg in tree_leaves((args, kwargs)):  # storages from before: not new memory
+            if isinstance(arg, torch.Tensor) and id(arg.untyped_storage()) not in self.known:
+                self._track(arg.untyped_storage(), 0)
+        result = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(result):
+            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) not in self.known:
+                self._track(tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+        return result
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
+    """Bytes of tensor memory that ``fn()`` holds at its peak, beyond what existed before.
+
+    On CUDA, the caching allocator's own peak (``torch.cuda.max_memory_allocated``). Elsewhere
+    every storage an operator creates is counted from its creation until it is freed: the
+    intermediates of a Python-level computation (the (L, S) scores of attention, say) are all
+    seen; the scratch buffers inside one fused kernel are not. The counter sees the calling
+    thread only, so there ``fn`` runs with one torch thread (code that spreads work over
+    threads of its own then runs it in this one).
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    counter = _LiveTensorBytes()
+    with one_cpu_thread(), counter:
+        fn()
+    return counter.peak

@@ -6,6 +6,8 @@ scored (the default ``ignore_index`` of ``torch.nn.functional.cross_entropy``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 IGNORE_INDEX = -100
@@ -155,23 +157,38 @@ def copy_sequences(vocab: ToyVocab, batch: int, n_tokens: int,
     return sequence[:, :-1].to(device), sequence[:, 1:].to(device)
 
 
-def _reverse(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _reverse(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) -> (B, N): the first ``lengths[b]`` symbols of row ``b`` in reverse order."""
     positions = torch.arange(words.shape[1])  # (N,)
     source = (lengths[:, None] - 1 - positions).clamp(min=0)  # (B, N)
-    return words.gather(1, source)
+    return words.gather(1, source), lengths
 
 
-def _sort(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _sort(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) -> (B, N): the first ``lengths[b]`` symbols of row ``b`` in ascending order."""
     beyond = torch.arange(words.shape[1]) >= lengths[:, None]  # (B, N)
-    return words.masked_fill(beyond, torch.iinfo(words.dtype).max).sort(dim=1).values
+    return words.masked_fill(beyond, torch.iinfo(words.dtype).max).sort(dim=1).values, lengths
 
 
-TEXT_TO_TEXT_TASKS = {
-    "copy": lambda words, lengths: words,
+def _summarize(words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) -> (B, N) and the answer lengths (B,): each symbol of the first ``lengths[b]``
+    once, in the order of its first appearance; a shorter text whose length depends on the
+    whole input, as a summary's does."""
+    N = words.shape[1]
+    real = torch.arange(N) < lengths[:, None]  # (B, N)
+    same = words[:, :, None] == words[:, None, :]  # (B, N, N): word j equals word k
+    earlier = torch.ones(N, N, dtype=torch.bool).tril(-1)  # (N, N): k before j
+    repeated = (same & earlier & real[:, None, :]).any(dim=-1)  # (B, N)
+    first = real & ~repeated  # (B, N): the first appearances
+    order = (~first).int().sort(dim=1, stable=True).indices  # (B, N): first appearances first
+    return words.gather(1, order), first.sum(dim=1)
+
+
+TEXT_TO_TEXT_TASKS = {  # name -> (words (B, N), lengths (B,)) -> (answers, answer lengths)
+    "copy": lambda words, lengths: (words, lengths),
     "reverse": _reverse,
     "sort": _sort,
+    "summarize": _summarize,
 }
 
 
@@ -184,7 +201,10 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
 
     Each example draws a task from ``vocab.tasks`` and ``length`` symbols ``w``:
     ``input_ids`` (batch, max_len + 2) is ``task: w </s>`` then ``<pad>``; ``labels``
-    (batch, max_len + 1) is ``task(w) </s>`` then :data:`IGNORE_INDEX`.
+    (batch, max_len + 1) is ``task(w) </s>`` then :data:`IGNORE_INDEX`. ``copy``,
+    ``reverse`` and ``sort`` answer as many symbols as they read, like a word-for-word
+    translation; ``summarize`` keeps each symbol once, in order of first appearance, so its
+    answer is shorter when a symbol repeats.
     """
     if not vocab.tasks:
         raise ValueError("text_to_text needs a ToyVocab built with tasks, e.g. ('reverse', 'sort')")
@@ -192,9 +212,11 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=generator)  # (B,)
     words = vocab.first_symbol + torch.randint(vocab.n_symbols, (batch, max_len),
                                                generator=generator)  # (B, N)
-    answers = torch.stack([TEXT_TO_TEXT_TASKS[name](words, lengths)
-                           for name in vocab.tasks])  # (T, B, N)
+    answers, answer_lengths = zip(*(TEXT_TO_TEXT_TASKS[name](words, lengths)
+                                    for name in vocab.tasks))
+    answers = torch.stack(answers)  # (T, B, N)
     answers = answers.gather(0, task[None, :, None].expand(1, batch, max_len))[0]  # (B, N)
+    answer_lengths = torch.stack(answer_lengths).gather(0, task[None])[0]  # (B,)
     positions = torch.arange(max_len + 1)  # (N + 1,)
     is_word = positions < lengths[:, None]  # (B, N + 1)
     is_eos = positions == lengths[:, None]  # (B, N + 1)
@@ -203,8 +225,9 @@ def text_to_text(vocab: ToyVocab, batch: int, min_len: int, max_len: int,
     source = source.masked_fill(is_eos, vocab.eos_id)
     prefix = torch.tensor([vocab.task_id(name) for name in vocab.tasks])[task]  # (B,)
     input_ids = torch.cat([prefix[:, None], source], dim=1)  # (B, N + 2)
-    labels = torch.cat([answers, end], dim=1).where(is_word, IGNORE_INDEX)  # (B, N + 1)
-    labels = labels.masked_fill(is_eos, vocab.eos_id)
+    is_answer = positions < answer_lengths[:, None]  # (B, N + 1)
+    labels = torch.cat([answers, end], dim=1).where(is_answer, IGNORE_INDEX)  # (B, N + 1)
+    labels = labels.masked_fill(positions == answer_lengths[:, None], vocab.eos_id)
     return input_ids.to(device), labels.to(device)
 
 
@@ -317,3 +340,139 @@ def selective_copying_task(batch: int, length: int, n_data: int, vocab_size: int
     targets = torch.full_like(tokens, IGNORE_INDEX)
     targets[:, length:] = data
     return tokens.to(device), targets.to(device)
+
+
+class AgreementGrammar:
+    """The words of a toy English with two agreements (lesson 03).
+
+    ``the [adj]* NOUN (PREP the [adj] NOUN)* <verb> ADJ . <pron> .``: the verb slot must be
+    filled with ``is`` or ``are``, agreeing in number with the subject (the first noun),
+    however many prepositional phrases with other nouns ("attractors", Linzen et al., 2016,
+    "Assessing the Ability of LSTMs to Learn Syntax-Sensitive Dependencies") stand between;
+    the pronoun slot with ``he``, ``she``, ``it`` or ``they``, agreeing with the subject, its
+    antecedent, in gender and number. Ids: ``<pad>``, the two slots, function words,
+    adjectives, prepositions, nouns (singular then plural of each), then the answers.
+    """
+
+    SPECIALS = ("<pad>", "<verb>", "<pron>")
+    pad_id, verb_id, pronoun_id = range(3)
+    ADJECTIVES = ("old", "tall", "young", "small")
+    PREPOSITIONS = ("near", "behind", "with")
+    NOUNS = (("man", "men", "he"), ("king", "kings", "he"), ("boy", "boys", "he"),
+             ("woman", "women", "she"), ("queen", "queens", "she"), ("girl", "girls", "she"),
+             ("dog", "dogs", "it"), ("car", "cars", "it"), ("tree", "trees", "it"))
+    VERBS = ("is", "are")
+    PRONOUNS = ("he", "she", "it", "they")
+    words = (SPECIALS + ("the", ".") + ADJECTIVES + PREPOSITIONS
+             + tuple(form for noun in NOUNS for form in noun[:2]) + VERBS + PRONOUNS)
+    the_id, stop_id = words.index("the"), words.index(".")
+    first_adjective, first_preposition = words.index("old"), words.index("near")
+    first_noun, first_verb = words.index("man"), words.index("is")
+    first_pronoun = words.index("he")
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """One sequence of ids (L,) as words, without the padding."""
+        return " ".join(self.words[i] for i in ids.tolist() if i != self.pad_id)
+
+
+class AgreementBatch(NamedTuple):
+    """What :func:`agreement_task` returns; each field is described there."""
+
+    inputs: torch.Tensor  # (B, L)
+    targets: torch.Tensor  # (B, L)
+    antecedent: torch.Tensor  # (B, L)
+    attracted: torch.Tensor  # (B,)
+
+
+# The longest sentence, one slot per word; _agreement_slots keeps some of them.
+_AGREEMENT_SLOTS = ("the", "adj", "adj", "subject", "prep", "the", "adj", "noun", "prep", "the",
+                    "adj", "noun", "<verb>", "adj", ".", "<pron>", ".")
+AGREEMENT_LENGTH = len(_AGREEMENT_SLOTS)
+
+
+def agreement_task(batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> AgreementBatch:
+    """Sentences of :class:`AgreementGrammar` with their two agreement slots to fill.
+
+    Each sentence draws 0 to 2 adjectives before its subject, 0 to 2 prepositional phrases
+    after it (each noun of any number and gender, with or without an adjective) and a
+    predicate adjective; sentences are padded at the end with ``<pad>``. Returns
+    ``inputs`` (batch, :data:`AGREEMENT_LENGTH`) word ids, the slots as ``<verb>`` and
+    ``<pron>``; ``targets`` (batch, L), the right word at the two slots (``is``/``are``, a
+    pronoun) and :data:`IGNORE_INDEX` elsewhere; ``antecedent`` (batch, L), the position of
+    the subject at the two slots (the word they agree with) and :data:`IGNORE_INDEX`
+    elsewhere; ``attracted`` (batch,), True where the noun nearest before the verb differs
+    from the subject in number, so that agreeing with the nearest noun is wrong.
+    """
+    g = AgreementGrammar
+    n_nouns = len(g.NOUNS)
+
+    def draw(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(high, (batch, *shape), generator=generator)
+
+    n_adjectives, n_phrases = draw(3), draw(3)  # (B,), (B,)
+    lemma, plural = draw(n_nouns, 3), draw(2, 3)  # (B, 3): the subject, then two attractors
+    nouns = g.first_noun + 2 * lemma + plural  # (B, 3)
+    adjectives = g.first_adjective + draw(len(g.ADJECTIVES), 5)  # (B, 5)
+    prepositions = g.first_preposition + draw(len(g.PREPOSITIONS), 2)  # (B, 2)
+    column = {name: torch.full((batch,), g.words.index(name)) for name in ("the", ".")}
+    column.update({"<verb>": torch.full((batch,), g.verb_id),
+                   "<pron>": torch.full((batch,), g.pronoun_id)})
+    slots = torch.stack([  # (B, S): every slot filled, some of them dropped below
+        column["the"], adjectives[:, 0], adjectives[:, 1], nouns[:, 0],
+        prepositions[:, 0], column["the"], adjectives[:, 2], nouns[:, 1],
+        prepositions[:, 1], column["the"], adjectives[:, 3], nouns[:, 2],
+        column["<verb>"], adjectives[:, 4], column["."], column["<pron>"], column["."]], dim=1)
+    keep = torch.ones_like(slots, dtype=torch.bool)  # (B, S)
+    keep[:, 1], keep[:, 2] = n_adjectives >= 1, n_adjectives >= 2
+    keep[:, 4:8] = (n_phrases >= 1)[:, None]
+    keep[:, 8:12] = (n_phrases >= 2)[:, None]
+    keep[:, 6] &= draw(2).bool()  # an adjective in a phrase, or not
+    keep[:, 10] &= draw(2).bool()
+    position = keep.long().cumsum(dim=1) - 1  # (B, S): where each kept slot lands
+    position = position.masked_fill(~keep, AGREEMENT_LENGTH)  # dropped slots: a spare column
+    inputs = torch.full((batch, AGREEMENT_LENGTH + 1), g.pad_id)
+    inputs.scatter_(1, position, slots)
+    inputs = inputs[:, :AGREEMENT_LENGTH]  # (B, L)
+
+    verb = g.first_verb + plural[:, 0]  # (B,): is / are
+    pronoun = torch.tensor([g.PRONOUNS.index(noun[2]) for noun in g.NOUNS])[lemma[:, 0]]
+    pronoun = g.first_pronoun + torch.where(plural[:, 0].bool(), len(g.PRONOUNS) - 1, pronoun)
+    rows = torch.arange(batch)
+    verb_at, pronoun_at = position[:, 12], position[:, 15]  # (B,)
+    targets = torch.full((batch, AGREEMENT_LENGTH), IGNORE_INDEX)
+    targets[rows, verb_at], targets[rows, pronoun_at] = verb, pronoun
+    antecedent = torch.full((batch, AGREEMENT_LENGTH), IGNORE_INDEX)
+    antecedent[rows, verb_at] = antecedent[rows, pronoun_at] = position[:, 3]
+    nearest = plural.gather(1, n_phrases[:, None])[:, 0]  # (B,): the last noun before the verb
+    attracted = nearest != plural[:, 0]
+    return AgreementBatch(inputs.to(device), targets.to(device), antecedent.to(device),
+                          attracted.to(device))
+
+
+def broken_palindromes(vocab: ToyVocab, batch: int, half_len: int,
+                       generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tagging task on the MLM corpus: which symbols break the mirror?
+
+    Half the sequences are :func:`palindromes`; in the other half one symbol is replaced by
+    another, so that it and its mirror partner no longer match. Returns ``tokens``
+    (batch, 2 * half_len + 2) and ``labels`` of the same shape: 1 where a symbol differs from
+    its mirror partner, 0 where it matches, :data:`IGNORE_INDEX` on ``<cls>`` and ``<sep>``.
+    """
+    tokens = palindromes(vocab, batch, half_len, generator)  # (B, L)
+    L = tokens.shape[1]
+    rows = torch.arange(batch)
+    position = torch.randint(1, L - 1, (batch,), generator=generator)  # (B,): a symbol
+    shift = torch.randint(1, vocab.n_symbols, (batch,), generator=generator)  # never 0
+    replaced = vocab.first_symbol + (tokens[rows, position] - vocab.first_symbol + shift) % (
+        vocab.n_symbols)
+    broken = torch.rand(batch, generator=generator) < 0.5  # (B,)
+    tokens[rows, position] = torch.where(broken, replaced, tokens[rows, position])
+    labels = (tokens != tokens.flip(1)).long()  # (B, L): differs from its mirror partner
+    labels[:, 0] = labels[:, -1] = IGNORE_INDEX
+    return tokens.to(device), labels.to(device)

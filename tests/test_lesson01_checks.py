@@ -75,8 +75,9 @@ def cell_by_torch(x_t, h_prev, W_x, W_h, b):
 
 @pytest.mark.parametrize("answer", [cell_by_torch, helpers.rnn.rnn_cell],
                          ids=["nn.RNNCell", "helpers.rnn"])
-def test_shortcut_cells_pass_visible_but_fail_hidden(hidden, answer, capsys):
-    checks.rnn_cell(answer)
+def test_shortcut_cells_fail_visible_and_hidden(hidden, answer, capsys):
+    with pytest.raises(CheckFailed, match="calls"):
+        checks.rnn_cell(answer)
     expect_hidden_failure(lambda: hidden.rnn_cell(answer), "ShortcutUsed")
 
 
@@ -154,8 +155,9 @@ def unroll_by_torch(x, W_x, W_h, b, h0=None):
 
 @pytest.mark.parametrize("answer", [unroll_by_torch, helpers.rnn.rnn_unroll],
                          ids=["nn.RNN", "helpers.rnn"])
-def test_shortcut_unrolls_pass_visible_but_fail_hidden(hidden, answer, capsys):
-    checks.rnn_unroll(answer)
+def test_shortcut_unrolls_fail_visible_and_hidden(hidden, answer, capsys):
+    with pytest.raises(CheckFailed, match="calls"):
+        checks.rnn_unroll(answer)
     expect_hidden_failure(lambda: hidden.rnn_unroll(answer), "ShortcutUsed")
 
 
@@ -191,8 +193,9 @@ def test_wrong_context_vectors_are_rejected(hidden, answer, hint):
     rejected("context_vector", answer, hidden, hint)
 
 
-def test_shortcut_context_vector_fails_hidden(hidden, capsys):
-    checks.context_vector(helpers.rnn.context_vector)
+def test_shortcut_context_vector_fails_visible_and_hidden(hidden, capsys):
+    with pytest.raises(CheckFailed, match="calls"):
+        checks.context_vector(helpers.rnn.context_vector)
     expect_hidden_failure(lambda: hidden.context_vector(helpers.rnn.context_vector),
                           "ShortcutUsed")
 
@@ -237,8 +240,9 @@ def test_wrong_gradient_norms_are_rejected(hidden, answer, hint):
     rejected("gradient_norms", answer, hidden, hint)
 
 
-def test_shortcut_gradient_norms_fail_hidden(hidden, capsys):
-    checks.gradient_norms(helpers.rnn.gradient_norms)
+def test_shortcut_gradient_norms_fail_visible_and_hidden(hidden, capsys):
+    with pytest.raises(CheckFailed, match="calls"):
+        checks.gradient_norms(helpers.rnn.gradient_norms)
     expect_hidden_failure(lambda: hidden.gradient_norms(helpers.rnn.gradient_norms),
                           "ShortcutUsed")
 

@@ -137,6 +137,26 @@ def test_dot_scores_check_names_scaling():
         checks.dot_scores(scores_scaled)
 
 
+def scores_unchecked(q, k):
+    """No check of the last dims: torch's matmul error, not the promised ValueError."""
+    return q @ k.transpose(-2, -1)
+
+
+def scores_vague_error(q, k):
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError("shapes do not match")
+    return q @ k.transpose(-2, -1)
+
+
+@pytest.mark.parametrize("wrong, hint", [(scores_unchecked, "not ValueError"),
+                                         (scores_vague_error, "should name both shapes")])
+def test_dot_scores_error_promise_is_checked_and_graded(hidden, wrong, hint):
+    with pytest.raises(CheckFailed, match=hint):
+        checks.dot_scores(wrong)
+    failure = expect_hidden_failure(lambda: hidden.dot_scores(wrong))
+    assert "seed" in str(failure)
+
+
 # --- shortcuts: right numbers, but they call what the exercise asks to write ---
 
 def _torch_softmax(x, dim=-1):
@@ -164,9 +184,10 @@ def _torch_attention(q, k, v, mask=None, scale=None):
     ("attention_entropy", lambda weights: torch.special.entr(weights).sum(-1)),
     ("attention_entropy", lambda weights: -torch.xlogy(weights, weights).sum(-1)),
 ])
-def test_shortcuts_pass_visible_but_fail_hidden(hidden, name, shortcut):
-    getattr(checks, name)(shortcut)  # the numbers are right...
-    # ...but the grader sees the reference being called
+def test_shortcuts_fail_visible_and_hidden(hidden, name, shortcut):
+    # the numbers are right, but the check tells the student before the grader sees it
+    with pytest.raises(CheckFailed, match="calls"):
+        getattr(checks, name)(shortcut)
     expect_hidden_failure(lambda: getattr(hidden, name)(shortcut), "ShortcutUsed")
 
 

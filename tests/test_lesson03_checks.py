@@ -20,7 +20,7 @@ LESSON = "03"
 
 EXERCISES = [("split_heads", "split_heads"), ("merge_heads", "merge_heads"),
              ("mha_forward", "MultiHeadAttention"), ("param_count", "mha_param_count"),
-             ("load_torch_mha", "load_torch_mha")]
+             ("load_torch_mha", "load_torch_mha"), ("attention_from_to", "attention_from_to")]
 
 
 @pytest.mark.parametrize("check, name", EXERCISES)
@@ -46,9 +46,29 @@ def split_truncating(x, n_heads):
     return x[..., : E // n_heads * n_heads].view(B, L, n_heads, E // n_heads).transpose(1, 2)
 
 
+def split_unchecked(x, n_heads):
+    """No divisibility check: torch's reshape raises first, with its own message."""
+    B, L, E = x.shape
+    return x.view(B, L, n_heads, E // n_heads).transpose(1, 2)
+
+
+def split_vague_error(x, n_heads):
+    B, L, E = x.shape
+    if E % n_heads:
+        raise ValueError("bad shape")
+    return x.view(B, L, n_heads, E // n_heads).transpose(1, 2)
+
+
 def merge_no_transpose(x):
     B, H, L, D = x.shape
     return x.reshape(B, L, H * D)
+
+
+def merge_with_view(x):
+    """Right on a tensor that happens to be contiguous after the transpose, an error on the
+    output of attention."""
+    B, H, L, D = x.shape
+    return x.transpose(1, 2).view(B, L, H * D)
 
 
 class NoOutputProjection(ref.MultiHeadAttention):
@@ -97,6 +117,34 @@ def load_swapped_kv(ours, theirs):
         ours.out_proj.weight.copy_(theirs.out_proj.weight)
 
 
+def load_biases_always(ours, theirs):
+    """Copies the biases even when there are none: 'NoneType' has no attribute 'chunk'."""
+    with torch.no_grad():
+        projections = (ours.q_proj, ours.k_proj, ours.v_proj)
+        for proj, w, b in zip(projections, theirs.in_proj_weight.chunk(3),
+                              theirs.in_proj_bias.chunk(3)):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        ours.out_proj.weight.copy_(theirs.out_proj.weight)
+        ours.out_proj.bias.copy_(theirs.out_proj.bias)
+
+
+def from_to_every_pair(weights, queries, keys):
+    return weights[:, :, queries, keys].mean(dim=(0, 2))
+
+
+def from_to_swapped(weights, queries, keys):
+    return weights[torch.arange(len(queries)), :, keys, queries].mean(dim=0)
+
+
+def from_to_per_sentence(weights, queries, keys):
+    return weights[torch.arange(len(queries)), :, queries, keys]
+
+
+def from_to_summed(weights, queries, keys):
+    return weights[torch.arange(len(queries)), :, queries, keys].sum(dim=0)
+
+
 def load_weights_only(ours, theirs):
     with torch.no_grad():
         for proj, w in zip((ours.q_proj, ours.k_proj, ours.v_proj), theirs.in_proj_weight.chunk(3)):
@@ -108,7 +156,10 @@ WRONG = [
     ("split_heads", split_interleaved, "interleaved"),
     ("split_heads", split_no_transpose, "straight to"),
     ("split_heads", split_truncating, "ValueError"),
+    ("split_heads", split_unchecked, "(?s)RuntimeError.*raise a ValueError that names both"),
+    ("split_heads", split_vague_error, "name both sizes"),
     ("merge_heads", merge_no_transpose, "transpose"),
+    ("merge_heads", merge_with_view, "(?s)view.*not contiguous.*use .reshape"),
     ("mha_forward", NoOutputProjection, "out_proj"),
     ("mha_forward", KeysFromQueries, "context"),
     ("mha_forward", IgnoresMask, "mask"),
@@ -117,6 +168,11 @@ WRONG = [
     ("param_count", count_ignoring_widths, "kdim"),
     ("load_torch_mha", load_swapped_kv, "swapped"),
     ("load_torch_mha", load_weights_only, "bias"),
+    ("load_torch_mha", load_biases_always, "(?s)NoneType.*in_proj_bias is None"),
+    ("attention_from_to", from_to_every_pair, "every pair"),
+    ("attention_from_to", from_to_swapped, "swapped"),
+    ("attention_from_to", from_to_per_sentence, r"\(B, H\)"),
+    ("attention_from_to", from_to_summed, "summed"),
 ]
 
 
@@ -130,6 +186,7 @@ def test_visible_check_names_the_mistake(check, answer, hint):
 def test_hidden_test_rejects_the_mistake(hidden, check, answer, hint):
     failure = expect_hidden_failure(lambda: getattr(hidden, check)(answer))  # one draw, as graded
     assert type(failure).__name__ != "ShortcutUsed", failure
+    assert "seed" in str(failure), failure  # the draw can be replayed
 
 
 # Shortcuts -----------------------------------------------------------------------------
@@ -172,9 +229,10 @@ SHORTCUTS = [("split_heads", ref.split_heads), ("merge_heads", ref.merge_heads),
 
 
 @pytest.mark.parametrize("check, answer", SHORTCUTS)
-def test_hidden_test_rejects_shortcuts(hidden, check, answer):
-    getattr(checks, check)(answer)  # the shortcut computes the right thing ...
-    with pytest.raises(hidden._core.ShortcutUsed):  # ... but is not the exercise
+def test_shortcuts_fail_the_visible_check_and_the_hidden_test(hidden, check, answer):
+    with pytest.raises(CheckFailed, match="calls"):  # the student hears it before grading ...
+        getattr(checks, check)(answer)
+    with pytest.raises(hidden._core.ShortcutUsed):  # ... and the grader does not pay for it
         getattr(hidden, check)(answer)
 
 

@@ -80,6 +80,32 @@ def dependence_transposed(model, x):
     return torch.stack(rows).T
 
 
+def dependence_accumulated(model, x):
+    """One .backward() per row into the same x.grad: row i adds up the gradients of 0 .. i."""
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    rows = []
+    for i in range(out.shape[1]):
+        out[:, i].sum().backward(retain_graph=True)
+        rows.append(x.grad.norm(dim=(0, 2)))
+    return torch.stack(rows)
+
+
+def dependence_without_retain_graph(model, x):
+    """The second backward through the same graph raises inside the student's code."""
+    x = x.detach().requires_grad_(True)
+    out = model(x)
+    rows = [torch.autograd.grad(out[:, i].sum(), x)[0].norm(dim=(0, 2))
+            for i in range(out.shape[1])]
+    return torch.stack(rows)
+
+
+def cross_by_calling_module(attn, x, context, context_lengths=None):
+    """The shortcut the exercise forbids: the module's own forward."""
+    mask = None if context_lengths is None else ref.padding_mask(context_lengths, context.shape[1])
+    return attn(x, context=context, mask=mask)
+
+
 def dependence_of_total(model, x):
     """One backward pass of the whole output: every row is the same, the future leaks in."""
     x = x.detach().requires_grad_(True)
@@ -98,6 +124,10 @@ WRONG = [
     ("cross_attention", cross_unmasked, "padded"),
     ("gradient_dependence", dependence_transposed, "transposed"),
     ("gradient_dependence", dependence_of_total, "reference"),
+    ("gradient_dependence", dependence_accumulated, "adds to x.grad"),
+    ("gradient_dependence", dependence_without_retain_graph, "(?s)second time.*retain_graph=True"),
+    ("cross_attention", cross_by_calling_module, "(?s)calls helpers.attention.MultiHeadAttention"
+                                                 ".*calling attn"),
 ]
 
 
@@ -110,7 +140,7 @@ def test_visible_check_names_the_mistake(check, answer, hint):
 @pytest.mark.parametrize("check, answer, hint", WRONG)
 def test_hidden_test_rejects_the_mistake(hidden, check, answer, hint):
     failure = expect_hidden_failure(lambda: getattr(hidden, check)(answer))  # one draw, as graded
-    assert type(failure).__name__ != "ShortcutUsed", failure
+    assert "seed" in str(failure), failure  # the draw can be replayed
 
 
 # Shortcuts -----------------------------------------------------------------------------
@@ -120,19 +150,15 @@ def causal_from_torch(L, S=None, device=None):
     return causal_lower_right(L, S)._materialize(device)
 
 
-def cross_by_calling_module(attn, x, context, context_lengths=None):
-    mask = None if context_lengths is None else ref.padding_mask(context_lengths, context.shape[1])
-    return attn(x, context=context, mask=mask)
-
-
 SHORTCUTS = [("causal_mask", ref.causal_mask), ("causal_mask", causal_from_torch),
              ("padding_mask", ref.padding_mask), ("cross_attention", cross_by_calling_module)]
 
 
 @pytest.mark.parametrize("check, answer", SHORTCUTS)
-def test_hidden_test_rejects_shortcuts(hidden, check, answer):
-    getattr(checks, check)(answer)  # the shortcut computes the right thing ...
-    with pytest.raises(hidden._core.ShortcutUsed):  # ... but is not the exercise
+def test_shortcuts_fail_the_visible_check_and_the_hidden_test(hidden, check, answer):
+    with pytest.raises(CheckFailed, match="calls"):  # the student hears it before grading ...
+        getattr(checks, check)(answer)
+    with pytest.raises(hidden._core.ShortcutUsed):  # ... and the grader does not pay for it
         getattr(hidden, check)(answer)
 
 

@@ -30,8 +30,9 @@ def hidden():
 
 
 def hidden_fails(hidden_test, answer) -> None:
-    """The hidden test fails (wrong, or a shortcut)."""
-    expect_hidden_failure(lambda: hidden_test(answer))
+    """The hidden test fails (wrong, or a shortcut), naming the seed of its draw."""
+    failure = expect_hidden_failure(lambda: hidden_test(answer))
+    assert "seed" in str(failure), failure
 
 
 def rejected(check, answer, hidden_test, words: str) -> None:
@@ -75,6 +76,25 @@ def test_block_mistakes_are_named(solution, forward, words):
              hidden().transformer_block, words)
 
 
+def test_block_without_the_default_width_is_rejected(solution):
+    """A block whose d_ff has no default of 4 * d_model passes whenever d_ff is given."""
+    class NoDefaultWidth(solution["TransformerBlock"]):
+        def __init__(self, d_model, n_heads, d_ff=None, causal=False):
+            super().__init__(d_model, n_heads, d_ff or 2 * d_model, causal)
+
+    rejected(checks.transformer_block, NoDefaultWidth, hidden().transformer_block,
+             r"d_ff = 4 \* d_model")
+
+
+def test_block_causal_by_default_is_rejected(solution):
+    class CausalByDefault(solution["TransformerBlock"]):
+        def __init__(self, d_model, n_heads, d_ff=None, causal=True):
+            super().__init__(d_model, n_heads, d_ff, causal)
+
+    rejected(checks.transformer_block, CausalByDefault, hidden().transformer_block,
+             "causal=False by default")
+
+
 def test_block_with_other_parameter_names_is_rejected(solution):
     class Renamed(solution["TransformerBlock"]):
         def __init__(self, d_model, n_heads, d_ff=None, causal=False):
@@ -86,6 +106,24 @@ def test_block_with_other_parameter_names_is_rejected(solution):
             return x
 
     rejected(checks.transformer_block, Renamed, hidden().transformer_block, "norm1")
+
+
+def test_block_calling_torch_encoder_layer_is_rejected():
+    class TorchLayer(nn.Module):
+        def __init__(self, d_model, n_heads, d_ff=None, causal=False):
+            super().__init__()
+            d_ff = 4 * d_model if d_ff is None else d_ff
+            self.causal = causal
+            self.layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, dropout=0.0,
+                                                    activation="gelu", batch_first=True,
+                                                    norm_first=True)
+
+        def forward(self, x, mask=None):
+            return self.layer(x)
+
+    with pytest.raises(CheckFailed, match="calls"):
+        checks.transformer_block(TorchLayer)
+    hidden_fails(hidden().transformer_block, TorchLayer)
 
 
 def test_block_shortcut_is_rejected():
@@ -172,6 +210,18 @@ def _fixed_rate(tokens, mask_id, vocab_size, p=0.15, generator=None, special_ids
     return _mask(tokens, mask_id, vocab_size, 0.15, generator, special_ids)
 
 
+def _float_random_ids(tokens, mask_id, vocab_size, p=0.15, generator=None, special_ids=()):
+    """Random ids drawn in int64 whatever the tokens: inputs lose the dtype of tokens."""
+    inputs, labels = _mask(tokens.long(), mask_id, vocab_size, p, generator, special_ids)
+    return inputs, labels
+
+
+def _two_dims_only(tokens, mask_id, vocab_size, p=0.15, generator=None, special_ids=()):
+    """Sizes read from two dims by position: an IndexError on a sequence of shape (L,)."""
+    size = (tokens.shape[0], tokens.shape[1])
+    return _mask(tokens.reshape(size), mask_id, vocab_size, p, generator, special_ids)
+
+
 def _shortcut(tokens, mask_id, vocab_size, p=0.15, generator=None, special_ids=()):
     import helpers.tasks
     return helpers.tasks.mask_tokens(tokens, mask_id, vocab_size, p, generator, special_ids)
@@ -180,7 +230,8 @@ def _shortcut(tokens, mask_id, vocab_size, p=0.15, generator=None, special_ids=(
 @pytest.mark.parametrize("answer, words", [
     (_all_masked, "80/10/10"), (_specials_too, "special tokens"), (_labels_everywhere, "-100"),
     (_labels_only_at_mask, "needs its label"), (_global_rng, "generator"),
-    (_in_place, "in place"), (_fixed_rate, "argument p"), (_shortcut, "calls")])
+    (_in_place, "in place"), (_fixed_rate, "argument p"), (_shortcut, "calls"),
+    (_float_random_ids, "dtype of tokens"), (_two_dims_only, "(?s)IndexError.*tokens is \\(")])
 def test_masking_mistakes_are_named(answer, words):
     rejected(checks.mlm_masking, answer, hidden().mlm_masking, words)
 
@@ -281,7 +332,7 @@ def test_verdicts_survive_patched_allclose_and_helpers(monkeypatch):
 
 def test_corpora_say_what_they_mean():
     g = torch.Generator().manual_seed(0)
-    vocab = tasks.ToyVocab(10, ("copy", "reverse", "sort"))
+    vocab = tasks.ToyVocab(10, ("copy", "reverse", "sort", "summarize"))
     tokens = tasks.palindromes(vocab, 4, 5, g)
     assert torch.equal(tokens[:, 1:-1], tokens[:, 1:-1].flip(1))
     inputs, targets = tasks.copy_sequences(vocab, 4, 5, g)
@@ -291,9 +342,14 @@ def test_corpora_say_what_they_mean():
     for source, target in zip(input_ids.tolist(), labels.tolist()):
         task = vocab.tasks[source[0] - vocab.task_id(vocab.tasks[0])]
         words = source[1:source.index(vocab.eos_id)]
-        answer = {"copy": words, "reverse": words[::-1], "sort": sorted(words)}[task]
-        assert target[:len(words) + 1] == answer + [vocab.eos_id]
-        assert all(t == IGNORE for t in target[len(words) + 1:])
+        answer = {"copy": words, "reverse": words[::-1], "sort": sorted(words),
+                  "summarize": list(dict.fromkeys(words))}[task]
+        assert target[:len(answer) + 1] == answer + [vocab.eos_id]
+        assert all(t == IGNORE for t in target[len(answer) + 1:])
+    summaries = [source for source in input_ids.tolist()
+                 if source[0] == vocab.task_id("summarize")]
+    assert any(len(set(s[1:s.index(vocab.eos_id)])) < s.index(vocab.eos_id) - 1
+               for s in summaries)  # some summaries are shorter than their input
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -13,9 +13,22 @@ from helpers.course.source import build_notebook
 from conftest import LESSONS
 
 
+# Run before a lesson: torch on two threads, as on a 2-core laptop (the suite's kernels start
+# on one), and a record of the thread count at every optimizer step of the lesson.
+THREAD_PROBE = """import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+torch.set_num_threads(2)
+_threads_at_steps = []
+register_optimizer_step_pre_hook(
+    lambda optimizer, args, kwargs: _threads_at_steps.append(torch.get_num_threads()))"""
+THREAD_REPORT = "print('threads at optimizer steps:', sorted(set(_threads_at_steps)))"
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.name)
 def test_solution_runs_top_to_bottom(lesson):
     notebook = build_notebook(lesson.script)
+    notebook.cells.insert(0, nbformat.v4.new_code_cell(THREAD_PROBE, id="thread-probe"))
+    notebook.cells.append(nbformat.v4.new_code_cell(THREAD_REPORT, id="thread-report"))
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(lesson.script.parent)}})
     client.execute()
@@ -23,6 +36,13 @@ def test_solution_runs_top_to_bottom(lesson):
         if cell.metadata.get("nbgrader", {}).get("grade"):
             stderr = [o for o in cell.get("outputs", []) if o.get("name") == "stderr"]
             assert not stderr, f"test cell {cell.id} writes to stderr (nbgrader scores it 0): {stderr}"
+    # Training tiny models on several threads is slower, and on a busy machine ten times so:
+    # every lesson that trains chooses one thread, for the lesson or around its training.
+    report = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
+    assert report.strip() in ("threads at optimizer steps: []",
+                              "threads at optimizer steps: [1]"), \
+        (f"{lesson.name}: {report.strip()}: call torch.set_num_threads(1) in the imports cell, "
+         "or train inside helpers.device.one_cpu_thread()")
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.name)
@@ -61,7 +81,7 @@ def test_check_reports_drift(tmp_path, monkeypatch):
 
     for folder in ("solutions", "notebooks"):
         shutil.copytree(LESSONS[0].root / folder / LESSONS[0].name, tmp_path / folder / LESSONS[0].name)
-    (tmp_path / "pyproject.toml").touch()
+    shutil.copy(LESSONS[0].root / "pyproject.toml", tmp_path)  # it holds the install source
     lesson = find_lessons(tmp_path)[0]
     lesson.script.write_text(lesson.script.read_text() + "\n# %%\nprint('a new cell')\n")
     problems = check([lesson], execute=False)

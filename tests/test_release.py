@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from helpers.course.lessons import find_lessons
+from helpers.course.release import solution_notebook
 from helpers.course.source import build_notebook
 
 from conftest import lesson_named
@@ -45,7 +46,7 @@ def test_release_writes_both_notebooks_from_the_script(course):
     assert result.returncode == 0, result.stderr
     assert f"wrote {lesson.solution}" in result.stdout and f"wrote {lesson.student}" in result.stdout
     assert nbformat.writes(nbformat.read(lesson.solution, as_version=4)) == \
-        nbformat.writes(build_notebook(lesson.script))
+        nbformat.writes(solution_notebook(lesson))  # the script, with the Colab install source
     student = nbformat.read(lesson.student, as_version=4)
     assert student.cells[0].source.startswith("# Lesson 02 — Queries, keys, values")
     assert not any("### BEGIN SOLUTION" in cell.source for cell in student.cells)

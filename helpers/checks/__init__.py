@@ -14,10 +14,13 @@ from __future__ import annotations
 import functools
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+
+from helpers.hidden._core import ShortcutUsed, forbid
 
 _HELPERS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RED, _RESET = "\x1b[31m", "\x1b[0m"
@@ -92,6 +95,33 @@ def call(fn: Callable, *args: object, name: str, hint: str = "", **kwargs: objec
     except (RuntimeError, IndexError, TypeError, AttributeError) as error:
         message = f"{name} raised {type(error).__name__}: {error}"
         raise CheckFailed(message + (f"\n{hint}" if hint else "")) from error
+
+
+@contextmanager
+def without_shortcuts(what: str, torch_functions: Iterable[str] = (),
+                      helpers: Iterable[str] = (), hint: str = "") -> Iterator[None]:
+    """Fail the check if the code inside calls one of the references an exercise forbids,
+    as its hidden test does (:func:`helpers.hidden._core.forbid`): a shortcut is caught
+    here, where the student can still fix it, not only when it is graded."""
+    try:
+        with forbid(torch_functions=torch_functions, helpers=helpers):
+            yield
+    except ShortcutUsed as error:
+        raise CheckFailed(f"{what}: {error}" + (f"\n{hint}" if hint else "")) from None
+
+
+def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
+            helpers: Iterable[str] = ()) -> Callable:
+    """``fn`` wrapped so that each call runs :func:`without_shortcuts`: for checks that call
+    the student's function in many places, between calls to the references they compare
+    with."""
+    torch_functions, helpers = tuple(torch_functions), tuple(helpers)
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> object:
+        with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
+            return fn(*args, **kwargs)
+    return run
 
 
 def expect_tensor(value: object, name: str) -> torch.Tensor:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 
 from helpers.checks import (call, expect, expect_close, expect_shape, expect_tensor, exercise,
-                            is_close, passed)
+                            guarded, is_close, passed)
 from helpers.device import get_device
+from helpers.hidden.lesson01 import RNN_FUNCTIONS, RNN_HELPERS
 
 B, L, D, H = 3, 6, 4, 5  # D != H, so a transposed W_x fails loudly
 
@@ -49,6 +50,7 @@ def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
 @exercise
 def rnn_cell(fn: Callable) -> None:
     """Check ``rnn_cell(x_t, h_prev, W_x, W_h, b)`` -> (B, H) against ``torch.nn.RNNCell``."""
+    fn = guarded(fn, "rnn_cell", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
     x_t, h_prev = _randn(B, D, seed=0), _randn(B, H, seed=1, scale=0.8)
     W_x, W_h, b = _weights(seed=2)
     shapes = (f"shapes: x_t (B, D) = {(B, D)}, h_prev (B, H) = {(B, H)}, W_x (H, D) = {(H, D)}, "
@@ -81,6 +83,8 @@ def rnn_cell(fn: Callable) -> None:
 @exercise
 def rnn_unroll(fn: Callable) -> None:
     """Check ``rnn_unroll(x, W_x, W_h, b, h0=None)`` -> (B, L, H) against ``torch.nn.RNN``."""
+    fn = guarded(fn, "rnn_unroll", torch_functions=RNN_FUNCTIONS,
+                 helpers=[name for name in RNN_HELPERS if name != "helpers.rnn.rnn_cell"])
     x, h0 = _randn(B, L, D, seed=10), _randn(B, H, seed=11, scale=0.8)
     W_x, W_h, b = _weights(seed=12)
     rnn = _torch_rnn(W_x, W_h, b)
@@ -127,6 +131,7 @@ def _autograd_norms(x: torch.Tensor, W_x: torch.Tensor, W_h: torch.Tensor,
 @exercise
 def gradient_norms(fn: Callable) -> None:
     """Check ``gradient_norms(states, W_x, W_h)`` -> (B, L) against autograd's Jacobian."""
+    fn = guarded(fn, "gradient_norms", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
     x = _randn(B, L, D, seed=20)
     W_x, W_h, b = _weights(seed=21)
     states = _torch_rnn(W_x, W_h, b)(x)[0].detach()  # (B, L, H)
@@ -156,6 +161,7 @@ def gradient_norms(fn: Callable) -> None:
 @exercise
 def context_vector(fn: Callable) -> None:
     """Check ``context_vector(states, lengths)`` -> (B, H): each sequence's last real state."""
+    fn = guarded(fn, "context_vector", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
     states = _randn(B, L, H, seed=30)
     lengths = torch.tensor([L, 2, 1], device=states.device)
     expected = torch.stack([states[i, int(n) - 1] for i, n in enumerate(lengths)])  # (B, H)

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
-                            expect_tensor, exercise, is_close, passed)
+                            expect_tensor, exercise, guarded, is_close, passed)
 from helpers.device import get_device
+from helpers.hidden.lesson02 import (ATTENTION_FUNCTIONS, ATTENTION_HELPERS, ENTROPY_FUNCTIONS,
+                                     SOFTMAX_FUNCTIONS)
 
 B, H, L, S, D, DV = 2, 3, 4, 5, 8, 6
 
@@ -38,6 +40,7 @@ def _expect_finite(value: torch.Tensor, message: str) -> None:
 @exercise
 def dot_scores(fn: Callable) -> None:
     """Check ``dot_scores(q, k)`` -> (B, H, L, S) raw scores q_i · k_j."""
+    fn = guarded(fn, "dot_scores", torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS)
     q, k = _randn(B, H, L, D, seed=0), _randn(B, H, S, D, seed=1)
     hint = (f"q is (B, H, L, D) = {(B, H, L, D)} and k is (B, H, S, D) = {(B, H, S, D)}: "
             "transpose only the last two dims of k, k.transpose(-2, -1) (k.T reverses all four)")
@@ -52,8 +55,9 @@ def dot_scores(fn: Callable) -> None:
     _expect_dtype(scores, q.dtype, "dot_scores(q, k)")
     try:
         fn(q, _randn(B, H, S, D + 1, seed=2))
-    except ValueError:
-        pass
+    except ValueError as error:
+        expect(str(D) in str(error) and str(D + 1) in str(error), "the ValueError should name "
+               f"both shapes, (..., {D}) and (..., {D + 1}); it says: {error}")
     except Exception as error:
         raise CheckFailed(f"q with D={D} and k with D={D + 1} raised {type(error).__name__}, "
                           "not ValueError: compare q.shape[-1] with k.shape[-1] before the "
@@ -67,6 +71,8 @@ def dot_scores(fn: Callable) -> None:
 @exercise
 def stable_softmax(fn: Callable) -> None:
     """Check ``stable_softmax(x, dim=-1)``: sums to 1, matches torch, survives large and -inf."""
+    fn = guarded(fn, "stable_softmax", torch_functions=SOFTMAX_FUNCTIONS + ATTENTION_FUNCTIONS,
+                 helpers=["helpers.attention.softmax", *ATTENTION_HELPERS])
     x = _randn(B, H, L, S, seed=3)
     weights = expect_tensor(call(fn, x, name="stable_softmax(x)",
                                  hint=f"x is {tuple(x.shape)}: take the max and the sum with "
@@ -107,6 +113,7 @@ def stable_softmax(fn: Callable) -> None:
 @exercise
 def attention(fn: Callable) -> None:
     """Check ``attention(q, k, v, mask=None, scale=None)`` against PyTorch's SDPA."""
+    fn = guarded(fn, "attention", torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS)
     q, k, v = _randn(B, H, L, D, seed=6), _randn(B, H, S, D, seed=7), _randn(B, H, S, DV, seed=8)
     hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H, S, D) = {(B, H, S, D)}, v is "
             f"(B, H, S, Dv) = {(B, H, S, DV)}: scores = q @ k.transpose(-2, -1) is (B, H, L, S), "
@@ -167,6 +174,7 @@ def attention(fn: Callable) -> None:
 @exercise
 def attention_entropy(fn: Callable) -> None:
     """Check ``attention_entropy(weights)`` -> (..., L) entropy in nats, 0 ln 0 = 0."""
+    fn = guarded(fn, "attention_entropy", torch_functions=ENTROPY_FUNCTIONS)
     weights = torch.softmax(_randn(B, H, L, S, seed=10) * 2, dim=-1)
     entropy = expect_tensor(fn(weights), "attention_entropy(weights)")
     expect_shape(entropy, (B, H, L), "attention_entropy(weights)",

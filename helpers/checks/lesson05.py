@@ -13,23 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.checks import (CheckFailed, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed)
-from helpers.hidden._core import ShortcutUsed, fresh_import, forbid
+from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, is_close, passed, without_shortcuts)
+from helpers.hidden._core import fresh_import
 
 IGNORE_INDEX = -100
 BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.q_proj.weight", "attn.k_proj.weight",
               "attn.v_proj.weight", "attn.out_proj.weight", "norm2.weight", "norm2.bias",
               "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+BLOCK_SHORTCUTS = dict(
+    torch_functions=["multi_head_attention_forward", "_transformer_encoder_layer_fwd"],
+    helpers=["helpers.transformer.TransformerBlock", "torch.nn.TransformerEncoderLayer",
+             "torch.nn.TransformerDecoderLayer"])
 
 
-def _run_without(what: str, call: Callable[[], object], torch_functions=(), helpers=()) -> object:
-    """Run ``call`` and turn a use of a forbidden reference into a readable failure."""
-    try:
-        with forbid(torch_functions=torch_functions, helpers=helpers):
-            return call()
-    except ShortcutUsed as error:
-        raise CheckFailed(f"{what}: {error}") from None
+def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpers=(),
+                 hint: str = "") -> object:
+    """``run()``, failing the check when it uses a forbidden reference or raises inside the
+    student's code (with ``hint``)."""
+    with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
+        return call(run, name=what, hint=hint)
 
 
 # --- transformer block -------------------------------------------------------------------
@@ -72,15 +75,32 @@ def _block_variants(ref: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
     return variants
 
 
+def _expect_default_width(block: nn.Module, d_model: int) -> None:
+    """The block built without ``d_ff`` has the MLP width 4 * d_model."""
+    first = getattr(getattr(block, "mlp", None), "0", None)
+    width = getattr(getattr(first, "weight", None), "shape", None)
+    expect(width is not None and tuple(width) == (4 * d_model, d_model),
+           f"TransformerBlock({d_model}, n_heads) without d_ff should have d_ff = 4 * d_model = "
+           f"{4 * d_model}: mlp[0].weight should be {(4 * d_model, d_model)}, got "
+           f"{None if width is None else tuple(width)}; use d_ff = 4 * d_model when the "
+           "argument d_ff is None")
+
+
 @exercise
 def transformer_block(block_class: type[nn.Module]) -> None:
-    """The student's pre-LN block matches ``helpers.transformer.TransformerBlock``."""
+    """The student's pre-LN block matches ``helpers.transformer.TransformerBlock``: with
+    ``d_ff`` given, bidirectional and causal, with and without a padding mask; and with the
+    defaults (``d_ff = 4 * d_model``, not causal)."""
     transformer = fresh_import("helpers.transformer")
     attention = fresh_import("helpers.attention")
     torch.manual_seed(0)
     d_model, n_heads, d_ff, B, L = 16, 4, 24, 2, 7
+    hint = (f"x is (B, L, d_model) = {(B, L, d_model)} and the padding mask (B, 1, 1, L) = "
+            f"{(B, 1, 1, L)}; self.attn(h, mask=mask) takes and returns (B, L, d_model)")
+    x = torch.randn(B, L, d_model)
     for causal in (False, True):
-        block = block_class(d_model, n_heads, d_ff=d_ff, causal=causal).eval()
+        block = _run_without("TransformerBlock(...)", lambda: block_class(
+            d_model, n_heads, d_ff=d_ff, causal=causal), **BLOCK_SHORTCUTS).eval()
         keys = tuple(block.state_dict())
         missing = [key for key in BLOCK_KEYS if key not in keys]
         expect(not missing, f"the block has no parameters named {missing}: keep the names "
@@ -94,12 +114,11 @@ def transformer_block(block_class: type[nn.Module]) -> None:
                               "check the sizes: mlp = Linear(d_model, d_ff), GELU, "
                               "Linear(d_ff, d_model), with d_ff = 4 * d_model only when the "
                               "argument d_ff is None") from None
-        x = torch.randn(B, L, d_model)
         lengths = torch.tensor([L, L - 3])
         for mask in (None, attention.padding_mask(lengths, L)):
             with torch.no_grad():
                 out = _run_without("TransformerBlock", lambda: block(x, mask=mask),
-                                   helpers=["helpers.transformer.TransformerBlock"])
+                                   **BLOCK_SHORTCUTS, hint=hint)
                 expect_shape(out, (B, L, d_model), "block(x)",
                              "a block maps (B, L, d_model) to (B, L, d_model)")
                 expected = ref(x, mask=mask)
@@ -110,6 +129,17 @@ def transformer_block(block_class: type[nn.Module]) -> None:
                 expect_close(out, expected, f"block(x) with causal={causal}, "
                              f"mask={'padding' if mask is not None else 'None'}",
                              "compare with x + attn(norm1(x)) then h + mlp(norm2(h))")
+    default = _run_without("TransformerBlock(d_model, n_heads)",
+                           lambda: block_class(d_model, n_heads), **BLOCK_SHORTCUTS).eval()
+    _expect_default_width(default, d_model)
+    reference = transformer.TransformerBlock(d_model, n_heads).eval()
+    reference.load_state_dict(default.state_dict())
+    with torch.no_grad():
+        out = _run_without("TransformerBlock(d_model, n_heads)(x)", lambda: default(x),
+                           **BLOCK_SHORTCUTS, hint=hint)
+        expect_close(out, reference(x), "TransformerBlock(d_model, n_heads)(x)",
+                     "built without the argument causal, the block is bidirectional "
+                     "(causal=False by default)")
     passed("transformer block")
 
 
@@ -150,6 +180,13 @@ def masking_sample(batch: int, length: int, vocab_size: int, special_ids: tuple[
     return tokens
 
 
+def _expect_dtypes(inputs: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> None:
+    expect(inputs.dtype == dtype, f"inputs should keep the dtype of tokens ({dtype}), got "
+           f"{inputs.dtype}: give the random ids dtype=tokens.dtype (or .to(tokens.dtype))")
+    expect(labels.dtype == torch.int64, f"labels should be int64 (what cross_entropy takes), "
+           f"got {labels.dtype}: use tokens.long() for them")
+
+
 @exercise
 def mlm_masking(mask_tokens: Callable) -> None:
     """80/10/10 statistics, special tokens left alone, -100 labels, reproducible, no mutation."""
@@ -157,12 +194,15 @@ def mlm_masking(mask_tokens: Callable) -> None:
     tokens = masking_sample(64, 512, vocab_size, special_ids, torch.Generator().manual_seed(0))
     before = tokens.clone()
 
-    def call(seed: int, rate: float = p) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(seed: int, rate: float = p, given: torch.Tensor = tokens
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         return _run_without("mask_tokens", lambda: mask_tokens(
-            tokens, mask_id, vocab_size, p=rate, generator=torch.Generator().manual_seed(seed),
-            special_ids=special_ids), helpers=["helpers.tasks.mask_tokens"])
+            given, mask_id, vocab_size, p=rate, generator=torch.Generator().manual_seed(seed),
+            special_ids=special_ids), helpers=["helpers.tasks.mask_tokens"],
+            hint=f"tokens is {tuple(given.shape)}, {given.dtype}: draw random numbers of "
+                 "tokens.shape, and build inputs and labels with torch.where")
 
-    result = call(1)
+    result = draw(1)
     expect(isinstance(result, tuple) and len(result) == 2,
            "mask_tokens should return a pair (inputs, labels)")
     inputs, labels = (expect_tensor(value, name) for value, name in zip(result, ("inputs",
@@ -173,6 +213,7 @@ def mlm_masking(mask_tokens: Callable) -> None:
     expect(not inputs.is_floating_point() and not labels.is_floating_point(),
            f"inputs ({inputs.dtype}) and labels ({labels.dtype}) should hold integer token "
            "ids: build them with torch.where from tokens, not from float random numbers")
+    _expect_dtypes(inputs, labels, tokens.dtype)
     expect(bool((tokens == before).all()), "mask_tokens changed its argument `tokens` in "
            "place: work on a copy (e.g. torch.where or tokens.clone())")
     expect(int((labels == IGNORE_INDEX).sum()) > 0, "no label is -100: the loss must ignore "
@@ -200,16 +241,22 @@ def mlm_masking(mask_tokens: Callable) -> None:
            "a random replacement is outside 0 .. vocab_size - 1")
     expect(randoms.unique().numel() > 0.2 * randoms.numel(), "the random replacements "
            "hardly vary: draw them uniformly from 0 .. vocab_size - 1")
-    again = call(1)
+    again = draw(1)
     expect(bool((again[0] == inputs).all() and (again[1] == labels).all()),
            "two calls with generators seeded alike gave different results: draw every "
            "random number with generator=generator")
-    other = call(2)
+    other = draw(2)
     expect(bool((other[1] != labels).any()), "two different seeds gave the same result: "
            "the randomness must come from the generator")
-    rare = masking_statistics(tokens, *call(3, rate=0.5), mask_id, special_ids)
+    rare = masking_statistics(tokens, *draw(3, rate=0.5), mask_id, special_ids)
     expect(abs(rare["chosen"] - 0.5) < 0.02, f"with p=0.5, {rare['chosen']:.1%} of the ordinary "
            "tokens were chosen: use the argument p, not a fixed 15%")
+    one_sequence = tokens[0].int()  # (L,) int32: any shape, any integer dtype
+    inputs, labels = draw(4, given=one_sequence)
+    expect_shape(inputs, one_sequence.shape, "inputs for tokens of shape (L,)",
+                 "tokens may have any shape: use tokens.shape, not its dims by position")
+    expect_shape(labels, one_sequence.shape, "labels for tokens of shape (L,)")
+    _expect_dtypes(inputs, labels, one_sequence.dtype)
     passed("MLM masking")
 
 
@@ -224,7 +271,10 @@ def next_token_loss(loss_fn: Callable) -> None:
     logits = torch.randn(B, L, V, requires_grad=True)
     tokens = torch.randint(V, (B, L))
     loss = _run_without("next_token_loss", lambda: loss_fn(logits, tokens),
-                        torch_functions=["cross_entropy", "nll_loss"])
+                        torch_functions=["cross_entropy", "nll_loss"],
+                        hint=f"logits is (B, L, V) = {(B, L, V)}, tokens (B, L) = {(B, L)}: "
+                             "logits[:, :-1] predict tokens[:, 1:]; gather along the last dim "
+                             "needs an index of shape (B, L - 1, 1)")
     expect_tensor(loss, "loss")
     expect(loss.dim() == 0, f"the loss should be a scalar (shape ()), got {tuple(loss.shape)}: "
            "average over every batch element and position")
@@ -269,7 +319,9 @@ def shift_right(shift_fn: Callable) -> None:
     start_id, pad_id = 1, 0
     before = labels.clone()
     out = _run_without("shift_right", lambda: shift_fn(labels, start_id, pad_id),
-                       helpers=["helpers.tasks.shift_right"])
+                       helpers=["helpers.tasks.shift_right"],
+                       hint=f"labels is (B, T) = {tuple(labels.shape)}: a (B, 1) column of "
+                            "start_id, then labels[:, :-1], concatenated along dim 1")
     expect_shape(out, labels.shape, "decoder_input_ids",
                  "as long as the labels: drop the last label to make room for the start token")
     expect(bool((labels == before).all()), "shift_right changed the labels in place: the loss "

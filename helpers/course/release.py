@@ -1,8 +1,14 @@
 """Release: lesson script -> solution notebook -> student notebook (nbgrader), and the check
-that what is committed is exactly what the release makes, leaks nothing, and runs."""
+that what is committed is exactly what the release makes, leaks nothing, and runs.
+
+Each notebook's setup cell installs the course on Colab from one place, the ``Repository``
+URL in ``pyproject.toml``'s ``[project.urls]``: the release writes it into every notebook,
+so a fork changes that line and runs ``attention-course release``.
+"""
 
 from __future__ import annotations
 
+import re
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -14,6 +20,34 @@ from helpers.course.source import build_notebook, write_notebook
 
 SECRET_REGIONS = (("### BEGIN SOLUTION", "### END SOLUTION"),
                   ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"))
+# The package requirement in a setup cell's `%pip install`: attention-course @ git+URL
+INSTALL_REQUIREMENT = re.compile(r'(%pip install [^\n"]*")attention-course @ [^"]*(")')
+_URLS_TABLE = re.compile(r"^\[project\.urls\][ \t]*$(?P<body>.*?)(?=^\[|\Z)", re.M | re.S)
+_REPOSITORY = re.compile(r'^[ \t]*Repository[ \t]*=[ \t]*"(?P<url>[^"]+)"', re.M)
+
+
+def install_source(root: Path) -> str:
+    """The requirement each notebook's setup cell installs on Colab,
+    ``attention-course @ git+URL``, with URL the ``Repository`` of ``[project.urls]`` in
+    ``root/pyproject.toml``."""
+    pyproject = root / "pyproject.toml"
+    table = _URLS_TABLE.search(pyproject.read_text(encoding="utf-8"))
+    url = _REPOSITORY.search(table["body"]) if table else None
+    if url is None:
+        raise ValueError(f'{pyproject}: [project.urls] has no Repository = "https://..." line, '
+                         "the repository that the notebooks install the course from on Colab")
+    return f"attention-course @ git+{url['url']}"
+
+
+def solution_notebook(lesson: Lesson) -> nbformat.NotebookNode:
+    """The lesson's script as a notebook, its setup cell installing :func:`install_source`."""
+    notebook = build_notebook(lesson.script)
+    requirement = install_source(lesson.root)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.source = INSTALL_REQUIREMENT.sub(
+                lambda match: f"{match[1]}{requirement}{match[2]}", cell.source)
+    return notebook
 
 
 def student_notebooks(lessons: list[Lesson]) -> dict[str, nbformat.NotebookNode]:
@@ -21,7 +55,7 @@ def student_notebooks(lessons: list[Lesson]) -> dict[str, nbformat.NotebookNode]
     with tempfile.TemporaryDirectory(prefix="attention-course-release-") as scratch:
         course = Path(scratch)
         for lesson in lessons:
-            write_notebook(build_notebook(lesson.script), course / "source" / lesson.name / f"{lesson.name}.ipynb")
+            write_notebook(solution_notebook(lesson), course / "source" / lesson.name / f"{lesson.name}.ipynb")
         api = nbgrader_api(course, f"sqlite:///{course / 'gradebook.db'}")
         made = {}
         for lesson in lessons:
@@ -36,7 +70,7 @@ def student_notebooks(lessons: list[Lesson]) -> dict[str, nbformat.NotebookNode]
 def release(lessons: list[Lesson]) -> list[Path]:
     """Rebuild ``solutions/NAME/NAME.ipynb`` and ``notebooks/NAME/NAME.ipynb`` for each lesson."""
     for lesson in lessons:
-        write_notebook(build_notebook(lesson.script), lesson.solution)
+        write_notebook(solution_notebook(lesson), lesson.solution)
     written = []
     for name, notebook in student_notebooks(lessons).items():
         lesson = next(lesson for lesson in lessons if lesson.name == name)
@@ -108,7 +142,7 @@ def check(lessons: list[Lesson], execute: bool = True, jobs: int = 2) -> list[st
     for lesson in lessons:
         if not lesson.solution.is_file():
             problems.append(f"{lesson.solution} is missing: run `attention-course release {lesson.name}`")
-        elif _normalised(nbformat.read(lesson.solution, as_version=4)) != _normalised(build_notebook(lesson.script)):
+        elif _normalised(nbformat.read(lesson.solution, as_version=4)) != _normalised(solution_notebook(lesson)):
             problems.append(f"{lesson.solution} differs from {lesson.script.name}: run `attention-course release {lesson.name}`")
     for name, made in student_notebooks(lessons).items():
         lesson = next(lesson for lesson in lessons if lesson.name == name)
@@ -118,7 +152,7 @@ def check(lessons: list[Lesson], execute: bool = True, jobs: int = 2) -> list[st
         committed = nbformat.read(lesson.student, as_version=4)
         if _normalised(committed) != _normalised(made):
             problems.append(f"{lesson.student} is not what the release makes of {lesson.script}: run `attention-course release {lesson.name}`")
-        problems += [f"{lesson.student}: leaks {leak}" for leak in leaks(build_notebook(lesson.script), committed)]
+        problems += [f"{lesson.student}: leaks {leak}" for leak in leaks(solution_notebook(lesson), committed)]
     if execute:
         runnable = [lesson.student for lesson in lessons if lesson.student.is_file()]
         with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -131,7 +165,7 @@ def answered_notebook(lesson: Lesson, replace: dict[str, str] | None = None) -> 
     """The student notebook with every answer cell filled in from the solution, as a student
     who solved everything would hand it in; ``replace`` swaps in other answers by cell id."""
     student = nbformat.read(lesson.student, as_version=4)
-    solution = {cell.id: cell.source for cell in build_notebook(lesson.script).cells}
+    solution = {cell.id: cell.source for cell in solution_notebook(lesson).cells}
     for cell in student.cells:
         if cell.metadata.get("nbgrader", {}).get("solution"):
             cell.source = (replace or {}).get(cell.id, solution[cell.id])

@@ -57,6 +57,19 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
+@contextmanager
+def reporting_seed(seed: int) -> Iterator[None]:
+    """Name ``seed`` in any failure inside the block, so that a draw can be replayed; an
+    error raised by the answer itself becomes a :class:`HiddenTestFailed` that names it."""
+    try:
+        yield
+    except HiddenTestFailed as failure:
+        raise type(failure)(f"{failure} (seed {seed})") from None
+    except Exception as error:  # noqa: BLE001 - any error of the answer fails the test
+        raise HiddenTestFailed(f"the answer raised {type(error).__name__}: {error} "
+                               f"(seed {seed})") from error
+
+
 def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference, computed in float64; NaN where either side has NaN."""
     a = torch.as_tensor(actual).detach().to("cpu", torch.float64)

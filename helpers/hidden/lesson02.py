@@ -16,6 +16,7 @@ DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
               torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
 SOFTMAX_FUNCTIONS = ["softmax", "log_softmax", "_softmax", "_log_softmax", "softmin"]
+ENTROPY_FUNCTIONS = ["entr", "special_entr", "xlogy", "special_xlogy"]
 ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
 ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
                      "helpers.attention.MultiHeadAttention"]
@@ -54,6 +55,21 @@ def dot_scores(student: Callable) -> None:
         _expect_dtype(scores, dtype, what)
         expected = (q.double()[..., :, None, :] * k.double()[..., None, :, :]).sum(-1)
         expect_close(scores, expected, what, **TOLERANCES[dtype])
+    other = _randn(generator, 1, 1, 2, n["D"] + 1, dtype=dtype)  # a last dim that differs
+    try:
+        student(q, other)
+    except ValueError as error:
+        if str(q.shape[-1]) not in str(error) or str(other.shape[-1]) not in str(error):
+            raise HiddenTestFailed(f"dot_scores: the ValueError for shapes {tuple(q.shape)} "
+                                   f"and {tuple(other.shape)} should name both, it says "
+                                   f"{error!r} (seed {seed})") from None
+    except Exception as error:  # noqa: BLE001 - any other error is the wrong one
+        raise HiddenTestFailed(f"dot_scores: k with another last dim raised "
+                               f"{type(error).__name__}, expected ValueError (seed {seed})"
+                               ) from None
+    else:
+        raise HiddenTestFailed(f"dot_scores: k with another last dim should raise ValueError "
+                               f"(seed {seed})")
 
 
 def stable_softmax(student: Callable) -> None:
@@ -129,7 +145,7 @@ def attention_entropy(student: Callable) -> None:
         weights[..., 1, :] = 0.0
         weights[..., 1, -1] = 1.0  # a one-hot query
         weights[..., 2, :] = 1.0 / n["S"]  # a uniform query
-        with forbid(torch_functions=["entr", "special_entr", "xlogy", "special_xlogy"]):
+        with forbid(torch_functions=ENTROPY_FUNCTIONS):
             entropy = student(weights)
         what = f"attention_entropy, {n}, {dtype}, seed {seed}"
         _expect_dtype(entropy, dtype, what)

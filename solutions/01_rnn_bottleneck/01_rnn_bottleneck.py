@@ -28,7 +28,7 @@
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
 import matplotlib.pyplot as plt
@@ -36,11 +36,12 @@ import torch
 from torch import Tensor
 
 from helpers import rnn as reference
-from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
+from helpers.device import get_device, is_autograding, seed_everything
 from helpers.plotting import accuracy_by_distance, gradient_norm_by_distance
 
 device = get_device()
 seed_everything(0)
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"running on {device}")
 
 # %% [markdown]
@@ -63,7 +64,9 @@ print(f"running on {device}")
 # In code, a batch of inputs is a matrix whose *rows* are examples, `x_t` of shape `(B, D)`.
 # With row vectors, $W_x x_t$ for every row at once is `x_t @ W_x.T`.
 #
-# **Exercise 1 (2 points).** Write one step of the RNN for a batch.
+# **Exercise 1 (2 points).** Write one step of the RNN for a batch, with tensor operations:
+# `torch.nn.RNNCell` and `reference.rnn_cell` would do it for you (the check and the grader
+# notice).
 
 # %% solution id=rnn-cell
 def rnn_cell(x_t: Tensor, h_prev: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor) -> Tensor:
@@ -94,8 +97,9 @@ importlib.reload(helpers.hidden).lesson("01").rnn_cell(rnn_cell)
 #
 # **Exercise 2 (2 points).** Unroll the RNN over a batch of sequences `x` of shape
 # `(B, L, D)` and return *every* state $h_1, \dots, h_L$ stacked into `(B, L, H)`. Use your
-# `rnn_cell` (or `reference.rnn_cell` if you are stuck on exercise 1). When `h0` is `None`,
-# start from zeros on the device and in the dtype of `x`.
+# `rnn_cell` (or `reference.rnn_cell` if you are stuck on exercise 1), but not a ready-made
+# unroll (`torch.nn.RNN`, `reference.rnn_unroll`). When `h0` is `None`, start from zeros on
+# the device and in the dtype of `x`.
 
 # %% solution id=rnn-unroll
 def rnn_unroll(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -145,7 +149,8 @@ importlib.reload(helpers.hidden).lesson("01").rnn_unroll(rnn_unroll)
 #
 # **Exercise 3 (2 points).** Given `states` `(B, L, H)` from `rnn_unroll` and `lengths`
 # `(B,)` (integers from 1 to L), return the context vectors `(B, H)`, without a Python loop
-# over the batch (`torch.gather`, or indexing with `torch.arange(B)`).
+# over the batch (`torch.gather`, or indexing with `torch.arange(B)`), and without
+# `reference.context_vector`.
 
 # %% solution id=context-vector
 def context_vector(states: Tensor, lengths: Tensor) -> Tensor:
@@ -213,7 +218,8 @@ importlib.reload(helpers.hidden).lesson("01").context_vector(context_vector)
 # diagonal $D_t$ scales its columns: `G * d[:, None, :]`. `torch.linalg.matrix_norm` gives
 # the Frobenius norm of each matrix of a batch. Return `(B, L)`: column `t - 1` (0-based)
 # holds $\lVert \partial h_L / \partial x_t \rVert_F$, so the last column is the last input
-# $x_L$, in the same order as the inputs.
+# $x_L$, in the same order as the inputs. (`reference.gradient_norms` is the course's answer:
+# not to be called here.)
 
 # %% solution id=gradient-norms
 def gradient_norms(states: Tensor, W_x: Tensor, W_h: Tensor) -> Tensor:
@@ -262,14 +268,13 @@ b = torch.zeros(H, device=device)
 distance = torch.arange(L, device=device)  # k = L - t, from 0 (the last input) to L - 1
 
 norms, bounds = {}, {}
-with one_cpu_thread():  # (H, H) matrices are too small to share among CPU threads
-    for rho in radii:
-        W_h = reference.scaled_orthogonal(H, rho, generator, device=device)  # (H, H)
-        states = reference.rnn_unroll(x, W_x, W_h, b)  # (B, L, H)
-        label = f"ρ = {rho}"
-        norms[label] = reference.gradient_norms(states, W_x, W_h).mean(dim=0).flip(0)  # by k
-        if rho <= 1:
-            bounds[label] = rho**distance * torch.linalg.matrix_norm(W_x)
+for rho in radii:
+    W_h = reference.scaled_orthogonal(H, rho, generator, device=device)  # (H, H)
+    states = reference.rnn_unroll(x, W_x, W_h, b)  # (B, L, H)
+    label = f"ρ = {rho}"
+    norms[label] = reference.gradient_norms(states, W_x, W_h).mean(dim=0).flip(0)  # by k
+    if rho <= 1:
+        bounds[label] = rho**distance * torch.linalg.matrix_norm(W_x)
 
 gradient_norm_by_distance(norms, bounds, title=r"gradients vanish (small $\rho$) or explode "
                           r"(large $\rho$) exponentially in $k$")

@@ -25,7 +25,7 @@
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
 import math
@@ -40,6 +40,7 @@ from helpers.plotting import attention_heatmap, curves
 
 device = get_device()
 seed_everything(0)
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"running on {device}")
 
 # %% [markdown]
@@ -99,8 +100,9 @@ for name, row, out in zip(["matches key 1", "between keys 0 and 1"], weights, we
 # which axes of $K$ to transpose.
 #
 # **Exercise 1 (2 points).** Write `dot_scores(q, k)` for `q` of shape `(B, H, L, D)` and `k`
-# of shape `(B, H, S, D)`, returning the raw (unscaled) scores of shape `(B, H, L, S)`.
-# Raise a `ValueError` that names both shapes when the last dimensions differ.
+# of shape `(B, H, S, D)`, returning the raw (unscaled) scores of shape `(B, H, L, S)` in
+# the dtype of the inputs. Raise a `ValueError` that names both shapes when the last
+# dimensions differ.
 
 # %% solution id=dot-scores
 def dot_scores(q: Tensor, k: Tensor) -> Tensor:
@@ -146,9 +148,14 @@ importlib.reload(helpers.hidden).lesson("02").dot_scores(dot_scores)
 #
 # **Masks.** Lesson 04 forbids some keys by setting their scores to $-\infty$, so that
 # $e^{-\infty} = 0$. A query that may attend to *no* key has a row of only $-\infty$; its
-# max is $-\infty$ and $x - c = -\infty - (-\infty)$ is NaN. PyTorch's own softmax returns NaN
-# there; this course's convention is that such a row gets all-zero weights (the query reads
-# nothing), so that no NaN reaches the output or the gradients.
+# max is $-\infty$ and $x - c = -\infty - (-\infty)$ is NaN. `torch.softmax` returns NaN
+# there, and so does `nn.MultiheadAttention` when every key of a query is masked. This
+# course's convention is that such a row gets all-zero weights (the query reads nothing), so
+# that no NaN reaches the output or the gradients. PyTorch's fused attention,
+# `F.scaled_dot_product_attention`, adopted the same convention in version 2.5 (on the CPU:
+# zeros and zero gradients); versions 2.2 to 2.4 return NaN, and some of its GPU kernels
+# have returned NaN for such rows since. The cell ends by measuring what the PyTorch of
+# this machine does.
 
 # %%
 def naive_softmax(x: Tensor) -> Tensor:
@@ -169,6 +176,19 @@ for logits in (torch.tensor([1000.0, 1001.0, 1002.0]), torch.tensor([-1000.0, -1
 masked_row = torch.full((3,), float("-inf"))
 print(f"torch.softmax of an all -inf row: {torch.softmax(masked_row, dim=-1).tolist()};"
       f" the course's softmax: {reference.softmax(masked_row).tolist()}")
+numbers = torch.Generator().manual_seed(0)  # its own stream: the global one stays untouched
+q = torch.randn(1, 1, 2, 4, generator=numbers).to(device).requires_grad_()  # (B, H, L=2, D)
+k, v = torch.randn(2, 1, 1, 3, 4, generator=numbers).to(device)  # (B, H, S=3, D) each
+sees = torch.tensor([[True, True, False], [False, False, False]], device=device)  # query 1: none
+out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sees)
+out.sum().backward()
+print(f"torch {torch.__version__} on {device.type}, F.scaled_dot_product_attention, the query "
+      f"that sees no key: output {out[0, 0, 1].tolist()}, gradient {q.grad[0, 0, 1].tolist()}")
+module = torch.nn.MultiheadAttention(4, 1, batch_first=True).to(device)
+x = torch.randn(1, 3, 4, generator=numbers).to(device)
+every_key_masked = torch.ones(1, 3, dtype=torch.bool, device=device)  # True = ignore this key
+print(f"nn.MultiheadAttention with every key masked: "
+      f"{module(x, x, x, key_padding_mask=every_key_masked)[0][0, 0].tolist()}")
 
 # %% [markdown]
 # **Exercise 2 (3 points).** Write `stable_softmax(x, dim=-1)` for `x` of any shape,
@@ -176,7 +196,7 @@ print(f"torch.softmax of an all -inf row: {torch.softmax(masked_row, dim=-1).tol
 # `dim` (with `keepdim=True`, so that it broadcasts), exponentiate, normalise. A slice that
 # is all $-\infty$ must give zeros, not NaN (hint: where the maximum is $-\infty$, subtract
 # $0$ instead, and never divide by a zero sum). Do not call `torch.softmax` or the course's
-# reference; the grader checks.
+# reference; the check and the grader notice.
 
 # %% solution id=stable-softmax
 def stable_softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -320,14 +340,17 @@ plt.show()
 #
 # The course follows `torch.nn.functional.scaled_dot_product_attention`: a boolean `mask` is
 # `True` where attention is *allowed* and broadcasts against the scores `(B, H, L, S)`; a
-# given `scale` replaces $1/\sqrt{d_k}$. Unlike PyTorch, a query whose mask allows no key
-# gets zero weights and a zero output instead of NaN.
+# given `scale` replaces $1/\sqrt{d_k}$. A query whose mask allows no key gets zero weights and
+# a zero output, not NaN (section 3: PyTorch's fused attention agrees since version 2.5,
+# `nn.MultiheadAttention` and `torch.softmax` do not).
 #
 # **Exercise 3 (3 points).** Write `attention(q, k, v, mask=None, scale=None)` for `q`
 # `(B, H, L, D)`, `k` `(B, H, S, D)`, `v` `(B, H, S, Dv)`, returning `(out, weights)` with
-# `out` `(B, H, L, Dv)` and `weights` `(B, H, L, S)`. Use `reference.softmax` for the softmax
-# (so this exercise does not depend on your answer to exercise 2), but do not call a
-# ready-made attention function.
+# `out` `(B, H, L, Dv)` and `weights` `(B, H, L, S)`, in the dtype of `q`. Use
+# `reference.softmax` for the softmax (so this exercise does not depend on your answer to
+# exercise 2), but do not call a ready-made attention function
+# (`F.scaled_dot_product_attention`, `reference.scaled_dot_product_attention`,
+# `nn.MultiheadAttention`): the check and the grader notice.
 
 # %% solution id=sdpa
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
@@ -411,7 +434,8 @@ plt.show()
 # **Exercise 4 (2 points).** Write `attention_entropy(weights)` that maps weights
 # `(..., L, S)` to one entropy in nats per query, `(..., L)`. It must return `0`, not NaN,
 # for a one-hot row and for an all-zero row (a query that attends to nothing). Write the sum
-# yourself: `torch.special.entr` and `torch.xlogy` would do the exercise for you.
+# yourself: `torch.special.entr` and `torch.xlogy` would do the exercise for you (the check
+# and the grader notice).
 
 # %% solution id=attention-entropy
 def attention_entropy(weights: Tensor) -> Tensor:

@@ -23,9 +23,11 @@
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
+import time
+
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from helpers.tasks import (IGNORE_INDEX, TRANSLATION_BOS, TRANSLATION_PAD,
 
 generator = seed_everything(0)
 device = get_device()
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"running on {device}")
 
 # %% [markdown]
@@ -60,6 +63,10 @@ print(f"running on {device}")
 # $S$ keys. So query $i$ sees keys $0 \dots S - L + i$: the triangle is aligned to the
 # bottom right. PyTorch's `is_causal=True` aligns it to the top left instead, which is only
 # the same thing when $L = S$.
+#
+# **Exercise 1 (2 points).** Write `causal_mask(L, S=None, device=None)`, built on `device`,
+# without calling `ref.causal_mask`, `ref.sliding_window_mask` or PyTorch's
+# `causal_lower_right` (the grader checks).
 
 # %% solution id=causal-mask
 def causal_mask(L: int, S: int | None = None, device: torch.device | str | None = None
@@ -103,7 +110,13 @@ print("top left (PyTorch's is_causal when L != S):\n", top_left.int())
 # Mind the convention when you talk to PyTorch: `nn.MultiheadAttention`'s
 # `key_padding_mask` and its boolean `attn_mask` are `True` where a key is **ignored**, the
 # opposite of ours (and of `F.scaled_dot_product_attention`'s `attn_mask`). Passing one
-# where the other is expected does not crash: it silently attends *only* to the padding.
+# where the other is expected does not crash. A sequence with padding then attends *only*
+# to its padding, silently; a sequence without padding has *every* key ignored, and
+# `nn.MultiheadAttention` returns NaN for all its positions (lesson 02: `torch.softmax` of a
+# row of $-\infty$).
+#
+# **Exercise 2 (2 points).** Write `padding_mask(lengths, S)`, on the device of `lengths`,
+# without calling `ref.padding_mask`.
 
 # %% solution id=padding-mask
 def padding_mask(lengths: torch.Tensor, S: int) -> torch.Tensor:
@@ -124,20 +137,32 @@ importlib.reload(helpers.hidden).lesson("04").padding_mask(padding_mask)
 
 # %% [markdown]
 # The course's module with our mask against `nn.MultiheadAttention` with
-# `key_padding_mask = ~mask`, and what happens when the inversion is forgotten:
+# `key_padding_mask = ~mask`, and what happens to each sequence when the inversion is
+# forgotten (the last sequence has no padding):
 
 # %%
 theirs = nn.MultiheadAttention(32, 4, batch_first=True).to(device)
 ours = ref.MultiHeadAttention.from_torch(theirs)
-lengths = torch.tensor([6, 3, 5], device=device)
-x = torch.randn(3, 7, 32, device=device)
-keep = ref.padding_mask(lengths, 7)  # (B, 1, 1, S), True = attend
+S = 7
+lengths = torch.tensor([6, 3, S], device=device)
+x = torch.randn(3, S, 32, device=device)
+keep = ref.padding_mask(lengths, S)  # (B, 1, 1, S), True = attend
 with torch.no_grad():
     ours_out = ours(x, mask=keep)
     inverted = theirs(x, x, x, key_padding_mask=~keep[:, 0, 0])[0]
     forgotten = theirs(x, x, x, key_padding_mask=keep[:, 0, 0])[0]
-print(f"with ~mask:          largest difference {(ours_out - inverted).abs().max():.2e}")
-print(f"with mask (wrong!):  largest difference {(ours_out - forgotten).abs().max():.2e}")
+    only_padding = ours(x, mask=~keep)  # what attending to the padding alone gives
+print(f"with ~mask: largest difference {(ours_out - inverted).abs().max():.2e}")
+print("with mask (wrong!):")
+for b, n in enumerate(lengths.tolist()):
+    nan_positions = int(forgotten[b].isnan().any(dim=-1).sum())
+    if nan_positions:
+        print(f"  sequence {b}, {n} of {S} real tokens: {nan_positions} of {S} outputs are NaN")
+    else:
+        padding = f"{S - n} padding position" + ("s" if S - n > 1 else "")
+        print(f"  sequence {b}, {n} of {S} real tokens: differs from the right output by "
+              f"{(forgotten[b] - ours_out[b]).abs().max():.2f}, equals attention to its "
+              f"{padding} alone (difference {(forgotten[b] - only_padding[b]).abs().max():.1e})")
 
 # %% [markdown]
 # ## Cross-attention
@@ -154,10 +179,11 @@ print(f"with mask (wrong!):  largest difference {(ours_out - forgotten).abs().ma
 # additive score, a small MLP, instead of the scaled dot product); no causal mask is needed (the whole source is known),
 # but the source's padding must be masked.
 #
-# Write it with the projections of a course `MultiHeadAttention` (`attn.q_proj`,
-# `attn.k_proj`, `attn.v_proj`, `attn.out_proj`, `attn.n_heads`) and the references
-# `ref.split_heads`, `ref.merge_heads`, `ref.scaled_dot_product_attention` and
-# `ref.padding_mask`; calling `attn(...)` itself is the shortcut this exercise forbids.
+# **Exercise 3 (3 points).** Write it with the projections of a course `MultiHeadAttention`
+# (`attn.q_proj`, `attn.k_proj`, `attn.v_proj`, `attn.out_proj`, `attn.n_heads`) and the
+# references `ref.split_heads`, `ref.merge_heads`, `ref.scaled_dot_product_attention` and
+# `ref.padding_mask`; calling `attn(...)` itself is the shortcut this exercise forbids (the
+# check and the grader both notice).
 
 # %% solution id=cross-attention
 def cross_attention(attn: nn.Module, x: torch.Tensor, context: torch.Tensor,
@@ -199,8 +225,12 @@ importlib.reload(helpers.hidden).lesson("04").cross_attention(cross_attention)
 # input position $j$. A causal model has $G_{ij} = 0$ exactly for every $j > i$; one
 # backward pass per output position gives a row of $G$.
 #
-# Write it so that it works on any model mapping $(B, L, d) \to (B, L, d')$, and leave the
-# caller's `x` alone: differentiate a detached copy that requires gradients.
+# **Exercise 4 (3 points).** Write it so that it works on any model mapping
+# $(B, L, d) \to (B, L, d')$, and leave the caller's `x` alone: differentiate a detached copy
+# that requires gradients. Two traps of autograd: the graph of `model(x)` is freed by the
+# first backward pass unless you keep it (`retain_graph=True`), and `.backward()` *adds*
+# each gradient to `x.grad` rather than replacing it (`torch.autograd.grad` returns it
+# instead).
 
 # %% solution id=leakage-test
 def gradient_dependence(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -330,6 +360,7 @@ def shift_right(target: torch.Tensor) -> torch.Tensor:
 model = TinyTranslator(VOCAB, MAX_LENGTH, D_MODEL, N_HEADS).to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
 steps = 20 if is_autograding() else 60
+started = time.perf_counter()
 for step in range(steps):
     source, target, lengths, _ = toy_translation_task(32, MIN_LENGTH, MAX_LENGTH, VOCAB,
                                                       generator, device)
@@ -338,6 +369,7 @@ for step in range(steps):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+print(f"{steps} training steps in {time.perf_counter() - started:.1f} s")
 
 source, target, lengths, alignment = toy_translation_task(512, MIN_LENGTH, MAX_LENGTH, VOCAB,
                                                           generator, device)

@@ -2,10 +2,12 @@
 # # 05 · BERT, GPT and T5: three ways to stack attention
 #
 # Lesson 04 built the three kinds of attention: bidirectional self-attention, causal
-# self-attention and cross-attention. On their own they are one layer. Every large language
-# model of recent years is a *stack* of **transformer blocks** (Vaswani et al., 2017,
-# "Attention Is All You Need"), and the three famous families differ mainly in which
-# attention their blocks use and what they are trained to predict:
+# self-attention and cross-attention. On their own they are one layer. Most large language
+# models of recent years are *stacks* of **transformer blocks** (Vaswani et al., 2017,
+# "Attention Is All You Need"); not all of them: state space models such as Mamba, RWKV's
+# recurrent blocks and hybrids such as Jamba replace some or all of the attention (lessons
+# 10 and 11). The three famous families of transformers differ mainly in which attention
+# their blocks use and what they are trained to predict:
 #
 # - **BERT** (Devlin et al., 2019): an encoder, bidirectional self-attention, trained to fill
 #   in masked tokens;
@@ -14,16 +16,19 @@
 # - **T5** (Raffel et al., 2020): an encoder-decoder, where the decoder adds
 #   cross-attention to the encoder, trained to turn an input text into an output text.
 #
-# You will write the block, BERT's masking rule, GPT's loss and T5's decoder inputs, and
-# train a tiny model of each family on a synthetic task in seconds.
+# You will write the block, BERT's masking rule, GPT's loss and T5's decoder inputs, train a
+# tiny model of each family on a synthetic task (each training cell prints how long it
+# took), fine-tune the BERT for a tagging task, and count the parameters of the real models
+# with the same formulas.
 
 # %%
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
+import copy
 import math
 import time
 
@@ -41,6 +46,7 @@ from helpers.transformer import GPT, T5, BertEncoder, TransformerBlock as Refere
 device = get_device()
 generator = seed_everything(0)
 SHORT = is_autograding()  # the autograder trains for a few steps only
+torch.set_num_threads(1)  # small tensors: one CPU thread is fastest, on a busy CPU by far
 print(f"device: {device}; short training: {SHORT}")
 
 # %% [markdown]
@@ -55,9 +61,10 @@ print(f"device: {device}; short training: {SHORT}")
 # $$\mathrm{MLP}(x) = W_2\,\mathrm{GELU}(W_1 x + b_1) + b_2, \qquad W_1 \in \mathbb{R}^{d_{ff}\times d},\; W_2 \in \mathbb{R}^{d\times d_{ff}}$$
 #
 # with $d_{ff} = 4d$ by default and GELU (Hendrycks & Gimpel, 2016, "Gaussian Error Linear
-# Units"). The 2017 transformer and BERT put the normalisation *after* the residual sum
-# (**post-LN**): $x \leftarrow \mathrm{LN}(x + \mathrm{Sublayer}(x))$. GPT-2 moved it *before*
-# the sublayer (**pre-LN**):
+# Units"). The 2017 transformer, BERT and GPT-1 (Radford et al., 2018) put the
+# normalisation *after* the residual sum (**post-LN**):
+# $x \leftarrow \mathrm{LN}(x + \mathrm{Sublayer}(x))$. GPT-2 (2019) moved it *before* the
+# sublayer (**pre-LN**), as most models since do:
 #
 # $$h = x + \mathrm{MHA}(\mathrm{LN}_1(x)), \qquad y = h + \mathrm{MLP}(\mathrm{LN}_2(h)).$$
 #
@@ -67,8 +74,9 @@ print(f"device: {device}; short training: {SHORT}")
 # this matters: at initialisation, the gradient of the last block's feed-forward weights is
 # of order $d\sqrt{\ln d}$ with post-LN, *whatever the depth* $N$, but of order
 # $d\sqrt{\ln d / N}$ with pre-LN. A deep post-LN model therefore takes large steps in its
-# last layers at the start of training, which is why it needs a learning-rate warm-up,
-# and pre-LN models train without one.
+# last layers at the start of training, which is why it needs a learning-rate warm-up;
+# Xiong et al. showed that pre-LN models can be trained without the warm-up (and with a
+# larger learning rate), though many are still trained with a short one.
 #
 # The experiment below measures this on stacks of $N$ blocks at initialisation (Xavier
 # weights, as in the paper), with the course's reference block
@@ -92,7 +100,8 @@ def last_layer_gradient(norm_first: bool, n_layers: int, d_model: int = 32) -> f
 
 depths = [1, 2, 4, 8, 16]
 gradients = {name: [last_layer_gradient(norm_first, n) for n in depths]
-             for name, norm_first in (("pre-LN (GPT-2)", True), ("post-LN (2017, BERT)", False))}
+             for name, norm_first in (("pre-LN (GPT-2)", True),
+                                      ("post-LN (2017, BERT, GPT-1)", False))}
 pre_ln = gradients["pre-LN (GPT-2)"]
 ax = plotting.curves(depths, gradients, xlabel="number of blocks N",
                      ylabel="‖∂loss/∂W2‖ of the last block",
@@ -124,8 +133,10 @@ print(f"1/sqrt({depths[-1]}) = {1 / math.sqrt(depths[-1]):.2f}")
 # `mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))` with
 # `d_ff = 4 * d_model` when not given. With `causal=True`, position $t$ may only attend to
 # positions $\le t$: combine `causal_mask(L, device=x.device)` with the `mask` argument
-# (booleans, `True` = attend; `mask` may be `None`). Do not use
-# `helpers.transformer.TransformerBlock` or `nn.TransformerEncoderLayer`.
+# (booleans, `True` = attend; `mask` may be `None`); `causal` is `False` when not given. The
+# check and the grader build the block with and without `d_ff` and `causal`. Do not use
+# `helpers.transformer.TransformerBlock` or PyTorch's `nn.TransformerEncoderLayer` (they
+# notice).
 
 # %% solution id=transformer-block
 class TransformerBlock(nn.Module):
@@ -363,6 +374,77 @@ print(f"attention weight on the mirror partner, mean over symbol positions: "
       f"(uniform attention: {1 / L_bert:.2f})")
 
 # %% [markdown]
+# ### Using an encoder: fine-tuning for tagging
+#
+# Masked language modelling is how BERT is *pre-trained*. It is *used* by fine-tuning
+# (Devlin et al., 2019, section 4): put a small task head on the encoder's hidden states, a
+# linear layer for each position (tagging, such as named entities) or on `<cls>`
+# (classifying a sentence), and train everything for a few steps on labelled examples of
+# the task. The pre-trained encoder brings what it learned from unlabelled text; the head
+# only has to read it out.
+#
+# Our labelled task, `helpers.tasks.broken_palindromes`: in half the palindromes one symbol
+# has been replaced; tag each symbol 1 when it differs from its mirror partner, 0 when it
+# matches. The MLM encoder already knows where each symbol's partner is (the heatmap above).
+# The same head, the same steps and the same data, on the pre-trained encoder and on a
+# fresh one of the same shape:
+
+# %%
+class Tagger(nn.Module):
+    """A BERT encoder with a linear head on each position's hidden state (Devlin et al., 2019)."""
+
+    def __init__(self, encoder: BertEncoder, n_tags: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.token_embedding.embedding_dim, n_tags)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, L) -> tag logits (B, L, n_tags)."""
+        return self.head(self.encoder(idx))
+
+
+def tagging_loss(model: Tagger) -> torch.Tensor:
+    """Cross-entropy of the tags of a fresh batch of (possibly broken) palindromes."""
+    tokens, tags = tasks.broken_palindromes(bert_vocab, 64, HALF, generator=generator,
+                                            device=device)
+    return F.cross_entropy(model(tokens).flatten(0, 1), tags.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def tagging_accuracy(model: Tagger, n: int = 1000) -> tuple[float, float]:
+    """The fraction of symbols tagged right, and of sequences with every tag right."""
+    tokens, tags = tasks.broken_palindromes(bert_vocab, n, HALF, generator=generator,
+                                            device=device)
+    scored = tags != IGNORE_INDEX
+    right = model(tokens).argmax(-1) == tags  # (n, L)
+    return float(right[scored].float().mean()), float((right | ~scored).all(dim=1).float().mean())
+
+
+seed_everything(1)
+fresh = BertEncoder(len(bert_vocab), d_model=64, n_layers=2, n_heads=4, max_len=2 * HALF + 2,
+                    d_ff=128).to(device)
+tagging_steps = 30 if SHORT else 150
+for name, encoder in (("pre-trained by MLM", copy.deepcopy(bert)), ("fresh encoder", fresh)):
+    print(f"{name}:", end=" ")
+    tagger = Tagger(encoder, n_tags=2).to(device)
+    train(tagger, tagging_loss, steps=tagging_steps, lr=1e-3)
+    symbol_accuracy, sequence_accuracy = tagging_accuracy(tagger)
+    print(f"  symbols tagged right {symbol_accuracy:.1%}, sequences all right "
+          f"{sequence_accuracy:.1%}")
+tokens, tags = tasks.broken_palindromes(bert_vocab, 1000, HALF, generator=generator)
+matching = float((tags == 0).sum() / (tags != IGNORE_INDEX).sum())
+print(f"tagging every symbol 'matches' gets {matching:.1%} of the symbols and every intact "
+      f"sequence, {float((tags != 1).all(dim=1).float().mean()):.1%} of the sequences")
+
+# %% [markdown]
+# Compare the two encoders with the last line, the score of a tagger that learned nothing
+# but "matches". In the same few steps the pre-trained encoder learns the task, while the
+# fresh one has hardly left that score: to tag a symbol, a position must compare itself with
+# its mirror partner, and finding the partner is what masked language modelling taught the
+# pre-trained attention (the heatmap above). That is the bargain of BERT: pre-train once on
+# plentiful unlabelled text, then fine-tune cheaply for each task with few labels.
+
+# %% [markdown]
 # ## 3. GPT: a decoder trained to predict the next token
 #
 # A decoder-only model uses **causal** self-attention: position $t$ attends to positions
@@ -469,6 +551,14 @@ print(f"exact copies: {float(exact):.0%} of {len(prompts)}")
 #
 # $$\mathrm{CrossAttn}(h, e) = \mathrm{softmax}\!\left(\frac{(hW_Q)(eW_K)^\top}{\sqrt{d_k}}\right) eW_V, \qquad h: \text{decoder states},\; e: \text{encoder states}.$$
 #
+# BART (Lewis et al., 2020, "BART: Denoising Sequence-to-Sequence Pre-training for Natural
+# Language Generation, Translation, and Comprehension") is the other well-known
+# encoder-decoder: the same two stacks (post-LN, as in 2017), pre-trained to restore text
+# that was corrupted (spans masked, sentences shuffled), and fine-tuned for summarisation
+# and translation. Both are used for tasks whose output is a new text read off a whole
+# input: translation, where the output follows the input closely, and summarisation, where
+# it is shorter and its length is for the model to decide.
+#
 # The decoder is trained like GPT, with **teacher forcing**: its input at step $t$ is the
 # correct output token $t-1$, so all output positions train at once. Its input is the
 # label sequence **shifted right**: a start token (T5 uses `<pad>`), then the labels
@@ -499,17 +589,20 @@ importlib.reload(helpers.hidden).lesson("05").shift_right(shift_right)
 ### END HIDDEN TESTS
 
 # %% [markdown]
-# ### Training a tiny T5 on two tasks at once
+# ### Training a tiny T5 on three tasks at once
 #
-# Two tasks share one model: `reverse:` and `sort:` a sequence of 2 to 6 symbols. Inputs of
-# different lengths are padded, and the padding is masked out of the encoder's
-# self-attention and of the decoder's cross-attention (`attention_mask`). The loop uses
-# `helpers.tasks.shift_right`, the reference of your exercise.
+# Three tasks share one model, on sequences of 2 to 6 symbols: `reverse:` and `sort:`, whose
+# answers are as long as their inputs, like a word-for-word translation; and `summarize:`,
+# whose answer keeps each symbol once, in the order of its first appearance: a toy summary,
+# shorter than its input whenever a symbol repeats, so the decoder must decide where to
+# stop. Inputs of different lengths are padded, and the padding is masked out of the
+# encoder's self-attention and of the decoder's cross-attention (`attention_mask`). The loop
+# uses `helpers.tasks.shift_right`, the reference of your exercise.
 
 # %%
-t5_vocab = ToyVocab(n_symbols=10, tasks=("reverse", "sort"))
+t5_vocab = ToyVocab(n_symbols=10, tasks=("reverse", "sort", "summarize"))
 MAX_LEN = 6
-input_ids, labels = tasks.text_to_text(t5_vocab, 2, 2, MAX_LEN, generator=generator)
+input_ids, labels = tasks.text_to_text(t5_vocab, 3, 2, MAX_LEN, generator=generator)
 for source, target in zip(input_ids, labels):
     decoder_inputs = tasks.shift_right(target[None], t5_vocab.pad_id, t5_vocab.pad_id)[0]
     print(f"input: {t5_vocab.decode(source)}\n  labels:         {t5_vocab.decode(target)}"
@@ -530,38 +623,70 @@ def t5_loss(model: T5) -> torch.Tensor:
 
 
 t5_losses = train(t5, t5_loss, steps=60 if SHORT else 400, lr=2e-3)
-plot_learning_curve(t5_losses, "T5: one model and one loss learn both tasks,\n"
+plot_learning_curve(t5_losses, "T5: one model and one loss learn the three tasks,\n"
                     "far below guessing",
                     {"guessing a symbol: ln(10)": math.log(t5_vocab.n_symbols)})
 
 # %% [markdown]
 # Generation runs the encoder once and the decoder step by step from `<pad>`. An answer
-# counts as right when every token up to and including `</s>` is right:
+# counts as right when every token up to and including `</s>` is right. The table gives
+# the exact answers of each task, in all and by the number $n$ of symbols in the input,
+# then for all tasks together the fraction $p_n$ of single answer tokens that are right, and
+# $p_n^{\,n+1}$:
 
 # %%
-input_ids, labels = tasks.text_to_text(t5_vocab, 512, 2, MAX_LEN, generator=generator,
+input_ids, labels = tasks.text_to_text(t5_vocab, 1024, 2, MAX_LEN, generator=generator,
                                        device=device)
 answers = t5.generate(input_ids, labels.shape[1], attention_mask=input_ids != t5_vocab.pad_id,
                       decoder_start_token_id=t5_vocab.pad_id)[:, 1:]  # (B, T)
-right = ((answers == labels) | (labels == IGNORE_INDEX)).all(dim=1)  # (B,)
+scored = labels != IGNORE_INDEX  # (B, T): the answer's tokens, </s> included
+right_tokens = (answers == labels) & scored
+right = (right_tokens | ~scored).all(dim=1)  # (B,)
+n_symbols = (input_ids != t5_vocab.pad_id).sum(dim=1) - 2  # (B,): without task: and </s>
+lengths = range(2, MAX_LEN + 1)
+print(f"{'exact answers':16s} {'all':>5s} " + " ".join(f"{f'n = {n}':>6s}" for n in lengths))
 for task in t5_vocab.tasks:
     is_task = input_ids[:, 0] == t5_vocab.task_id(task)
-    print(f"{task + ':':9s} {float(right[is_task].float().mean()):.0%} exact answers")
-answer_end = int(labels[0].ne(IGNORE_INDEX).sum())
-print(f"e.g. {t5_vocab.decode(input_ids[0])}  ->  {t5_vocab.decode(answers[0, :answer_end])}")
+    by_length = [float(right[is_task & (n_symbols == n)].float().mean()) for n in lengths]
+    print(f"{task + ':':16s} {float(right[is_task].float().mean()):5.0%} "
+          + " ".join(f"{value:6.0%}" for value in by_length))
+token_accuracy = [float(right_tokens[n_symbols == n].sum() / scored[n_symbols == n].sum())
+                  for n in lengths]
+print(f"{'tokens right p_n':16s} {float(right_tokens.sum() / scored.sum()):5.0%} "
+      + " ".join(f"{p:6.0%}" for p in token_accuracy))
+print(f"{'p_n^(n+1)':16s} {'':5s} " + " ".join(f"{p ** (n + 1):6.0%}"
+                                             for n, p in zip(lengths, token_accuracy)))
+for verdict, index in (("right", int(right.nonzero()[0])), ("wrong", int((~right).nonzero()[0]))):
+    end = int(scored[index].sum())
+    print(f"a {verdict} answer: {t5_vocab.decode(input_ids[index])}  ->  "
+          f"{t5_vocab.decode(answers[index, :end])}   (expected "
+          f"{t5_vocab.decode(labels[index, :end])})")
+
+# %% [markdown]
+# Why are some answers wrong, and most right? The mistakes are not spread evenly: short
+# inputs come out (almost) always right, and the exact answers fall with the number $n$ of
+# symbols in the input, for two reasons the table separates. Each token is harder to get
+# right in a longer input: $p_n$ falls with $n$ (more symbols to keep apart and, for
+# `reverse:`, a position counted from an end that moves with the length). And an answer is
+# exact only if all its $n + 1$ tokens are right: if the mistakes fell independently, only
+# $p_n^{\,n+1}$ of the answers would be exact (the last row). More are, because mistakes
+# cluster: the decoder reads its own output, so one wrong token often puts the rest of
+# its answer off track, while the other answers stay clean. The lengths are drawn
+# uniformly, so the many short, easy inputs carry the overall score; the tiny model trains
+# for a few hundred steps, and training longer lifts $p_n$.
 
 # %% [markdown]
 # ## 5. The three families side by side
 #
-# | | BERT | GPT | T5 |
+# | | BERT | GPT | T5 (and BART) |
 # |---|---|---|---|
 # | architecture | encoder only | decoder only | encoder + decoder |
 # | self-attention | bidirectional (padding masked) | causal | encoder: bidirectional; decoder: causal |
 # | cross-attention | none | none | decoder queries, encoder keys and values |
-# | objective | fill in 15% masked tokens (80/10/10) | next token, every position | output text given input text (teacher forcing) |
+# | objective | fill in 15% masked tokens (80/10/10) | next token, every position | output text given input text (teacher forcing); BART: restore corrupted text |
 # | why that attention | understanding: each token sees the whole input | generation: a token may not see what it has to predict | read the whole input, write the output left to right |
-# | LayerNorm | post-LN | pre-LN | pre-LN (RMS norm) |
-# | typical use | classification, retrieval, tagging | open-ended generation, chat | translation, summarisation, any input → output |
+# | LayerNorm | post-LN | pre-LN from GPT-2 on (GPT-1: post-LN) | T5: pre-LN (RMS norm); BART: post-LN |
+# | typical use | fine-tuned for classification, retrieval, tagging | open-ended generation, chat | translation, summarisation, any input → output |
 #
 # The masks make the table concrete. Each panel shows which keys (columns) a query (row)
 # may attend to, for the T5 input `reverse: c b a </s>` padded with one `<pad>`, and the
@@ -604,7 +729,120 @@ for name, model in (("BERT", bert), ("GPT", gpt), ("T5", t5)):
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters")
 
 # %% [markdown]
-# ## 6. Optional: the real GPT-2
+# ## 6. From toy to real: layers, heads and parameters
+#
+# Our models have 2 blocks of 4 heads. The real ones are built from the same blocks, more
+# of them and wider, and the formulas of lessons 03 and 05 count their parameters. Per
+# block: attention $4d^2 + 4d$ (lesson 03; without biases in Llama, whose grouped K/V heads,
+# lesson 07, also shrink $W^K$ and $W^V$ to $d \times d_{kv}$); the feed-forward network,
+# $2\,d\,d_{ff} + d_{ff} + d$ (three matrices and no biases for Llama's gated SwiGLU,
+# Shazeer, 2020, "GLU Variants Improve Transformer"); two norms of $2d$ (RMS norm: $d$).
+# Around the blocks: token embeddings $V d$ (shared with the output layer, except in
+# Llama), learned positions $P d$ for BERT and GPT, a final norm, and BERT's MLM head.
+# First the formula against the course's own BERT and GPT built at the size of BERT-base and
+# GPT-2 small (on PyTorch's `meta` device: shapes only, no memory), then the published
+# configurations (Devlin et al., 2019; Brown et al., 2020, "Language Models are Few-Shot
+# Learners"; Touvron et al., 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models"),
+# with the sizes their papers report.
+
+# %%
+def block_parameters(d: int, d_ff: int, kv_width: int | None = None, bias: bool = True,
+                     gated: bool = False, rms_norm: bool = False) -> int:
+    """Parameters of one transformer block: attention (W^Q, W^O of d x d; W^K, W^V of
+    d x kv_width), feed-forward (two matrices, three when gated) and two norms."""
+    kv = d if kv_width is None else kv_width
+    attention = 2 * d * d + 2 * d * kv + (2 * d + 2 * kv if bias else 0)
+    feed_forward = (3 if gated else 2) * d * d_ff + (d_ff + d if bias else 0)
+    norms = 2 * (d if rms_norm else 2 * d)
+    return attention + feed_forward + norms
+
+
+def bert_parameters(V: int, d: int, layers: int, d_ff: int, P: int) -> int:
+    """Embeddings (tokens, positions, two segments, LayerNorm), blocks, MLM head."""
+    embeddings = V * d + P * d + 2 * d + 2 * d
+    mlm_head = d * d + d + 2 * d + V  # dense, LayerNorm, output bias (tied weights)
+    return embeddings + layers * block_parameters(d, d_ff) + mlm_head
+
+
+def gpt_parameters(V: int, d: int, layers: int, d_ff: int, P: int) -> int:
+    """Token and position embeddings, blocks, final LayerNorm; the head is tied."""
+    return V * d + P * d + layers * block_parameters(d, d_ff) + 2 * d
+
+
+def llama_parameters(V: int, d: int, layers: int, heads: int, kv_heads: int, d_ff: int) -> int:
+    """Embeddings and output layer (not tied), blocks without biases, final RMS norm."""
+    kv_width = kv_heads * (d // heads)
+    block = block_parameters(d, d_ff, kv_width, bias=False, gated=True, rms_norm=True)
+    return 2 * V * d + layers * block + d
+
+
+with torch.device("meta"):  # shapes only: nothing is allocated
+    course_models = {"BertEncoder at BERT-base size": (
+                         BertEncoder(30522, 768, 12, 12, 512, d_ff=3072),
+                         bert_parameters(30522, 768, 12, 3072, 512)),
+                     "GPT at GPT-2 small size": (
+                         GPT(50257, 768, 12, 12, 1024), gpt_parameters(50257, 768, 12, 3072, 1024))}
+for name, (model, formula) in course_models.items():
+    counted = sum(p.numel() for p in model.parameters())
+    print(f"{name}: formula {formula:,}, counted in the module {counted:,}")
+
+real = [  # name, blocks, heads, d_model, parameters, of which embeddings, size in its paper
+    ("BERT-base", 12, 12, 768, bert_parameters(30522, 768, 12, 3072, 512),
+     (30522 + 512 + 2) * 768, "110M"),
+    ("BERT-large", 24, 16, 1024, bert_parameters(30522, 1024, 24, 4096, 512),
+     (30522 + 512 + 2) * 1024, "340M"),
+    ("GPT-3", 96, 96, 12288, gpt_parameters(50257, 12288, 96, 4 * 12288, 2048),
+     (50257 + 2048) * 12288, "175B"),
+    ("Llama 2 7B", 32, 32, 4096, llama_parameters(32000, 4096, 32, 32, 32, 11008),
+     2 * 32000 * 4096, "7B"),
+    ("Llama 2 70B", 80, 64, 8192, llama_parameters(32000, 8192, 80, 64, 8, 28672),
+     2 * 32000 * 8192, "70B"),
+]
+print(f"\n{'model':12s} {'blocks':>6s} {'heads':>6s} {'heads in all':>12s} {'d_model':>7s} "
+      f"{'head dim':>8s} {'parameters':>16s} {'embeddings':>10s} {'paper':>6s}")
+for name, blocks, heads, d, parameters, embeddings, paper in real:
+    print(f"{name:12s} {blocks:6d} {heads:6d} {blocks * heads:12,d} {d:7d} {d // heads:8d} "
+          f"{parameters:16,d} {embeddings / parameters:10.1%} {paper:>6s}")
+ours = sum(p.numel() for p in bert.parameters())
+print(f"\nthis lesson's BERT: {ours:,} parameters; GPT-3 has {real[2][4] / ours:,.0f} times as "
+      "many")
+
+# %% [markdown]
+# Each head is small in all of them (a head dimension of 64 to 128), and the heads multiply
+# with depth: thousands of heads in the largest models, each one of the attentions of
+# lesson 03. How the parameters are spread changes with size: the embeddings, a large share
+# of BERT-base, are a small one of GPT-3 (the `embeddings` column), whose width makes the
+# blocks' $12 d^2$ per layer dominate.
+#
+# ## 7. Attention beyond text
+#
+# Nothing in a transformer block is specific to words: it maps a sequence of vectors to a
+# sequence of vectors. Cut an image into patches, or a sound into frames, embed each piece
+# as a vector, and the same attention runs over them. ViT (Dosovitskiy et al., 2021, "An
+# Image is Worth 16x16 Words: Transformers for Image Recognition at Scale") cuts an image
+# into patches of 16 x 16 pixels and runs a BERT-base-sized encoder over them, with a
+# `<cls>` token for the class. Whisper (Radford et al., 2023, "Robust Speech Recognition
+# via Large-Scale Weak Supervision") is an encoder-decoder like T5: the encoder reads 30
+# seconds of audio as a log-mel spectrogram (a frame every 10 ms, then a convolution of
+# stride 2), the decoder writes the transcript with cross-attention to the audio. DALL-E
+# (Ramesh et al., 2021, "Zero-Shot Text-to-Image Generation") is a GPT-like decoder over the
+# text tokens of a caption followed by the tokens of a 256 x 256 image, each standing for
+# an 8 x 8 patch (a discrete autoencoder's codes): it generates an image token by token.
+# The sequence lengths these give:
+
+# %%
+vit_patches = (224 // 16) ** 2  # a 224 x 224 image in 16 x 16 patches
+whisper_frames = 30 * 1000 // 10  # 30 s of audio, a spectrogram frame every 10 ms
+dalle_image_tokens = (256 // 8) ** 2  # a 256 x 256 image, one token per 8 x 8 patch
+print(f"ViT-B/16: {vit_patches} patches + <cls> = {vit_patches + 1} positions")
+print(f"Whisper: {whisper_frames} frames, {whisper_frames // 2} encoder positions after the "
+      "stride-2 convolution")
+print(f"DALL-E: up to 256 text tokens + {dalle_image_tokens} image tokens = "
+      f"{256 + dalle_image_tokens} positions")
+print(f"this lesson's longest sequence: {2 * N_COPY} positions (GPT)")
+
+# %% [markdown]
+# ## 8. Optional: the real GPT-2
 #
 # The reference `GPT` has the same architecture as OpenAI's GPT-2 (124M parameters), so
 # `GPT.from_hf` can load its weights. The cell below does so only if the `transformers`

@@ -39,7 +39,7 @@
 try:
     import helpers
 except ImportError:  # Colab or a bare kernel: install the course package
-    %pip install -q "attention-course @ git+https://github.com/attention-course/attention-course"
+    %pip install -q "attention-course @ git+COURSE_REPOSITORY"
 
 # %% id=imports
 import math
