@@ -1,5 +1,6 @@
 """The mutation check's list stays valid as the code changes, and its harness works: one
-mutant, injected in a scratch copy, is noticed by the tests it names."""
+mutant, injected in a scratch copy, is noticed by the tests it names; tests that cannot run
+notice nothing."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def test_the_harness_notices_a_mutant_and_passes_the_original():
     unchanged = Mutant("identity", "helpers/attention.py", "import math", "import math",
                        ("tests/test_kv_cache.py",))
     assert not run_mutant(unchanged)[1], "the unmutated course should pass the named tests"
+
+
+def test_tests_that_cannot_run_notice_nothing():
+    """A test that is not there (pytest exits 4) must not pass for one that failed."""
+    unchanged = Mutant("identity", "helpers/attention.py", "import math", "import math",
+                       ("tests/test_kv_cache.py::test_that_does_not_exist",))
+    _, noticed, _, said = run_mutant(unchanged)
+    assert not noticed and said.startswith("pytest exited 4"), said
