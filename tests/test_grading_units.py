@@ -40,7 +40,7 @@ def row_for(result: GradingResult, out: Path, status: list[str] | None = None) -
                 identity=["eva: not in the roster"])
 
 
-# --- the status a grading result earns ------------------------------------------------------
+# --- the status a grading result earns --------------------------------------------------------
 
 def test_a_notebook_nbgrader_could_not_grade_is_failed_with_its_log_kept(tmp_path):
     stale = tmp_path / "feedback" / "eva" / f"{LESSON}.html"
@@ -73,7 +73,8 @@ def test_a_notebook_stopped_whole_is_timeout_and_one_whose_kernel_kept_dying_is_
 
 
 def test_a_graded_notebook_keeps_its_score_and_names_its_lost_cells(tmp_path):
-    result = GradingResult(True, score=6.0, max_score=10.0, graded=nbformat.writes(answered_notebook(QKV)),
+    graded_notebook = nbformat.writes(answered_notebook(QKV))
+    result = GradingResult(True, score=6.0, max_score=10.0, graded=graded_notebook,
                            feedback="<html><body><p>Score: 6</p></body></html>",
                            crashed=["sdpa"], timed_out=["attention-entropy"])
     row, graded = row_for(result, tmp_path)
@@ -82,7 +83,8 @@ def test_a_graded_notebook_keeps_its_score_and_names_its_lost_cells(tmp_path):
     assert "cell attention-entropy ran past 7 s and was interrupted" in row.notes
     page = (tmp_path / "feedback" / "eva" / f"{LESSON}.html").read_text()
     assert "Notes from the grader" in page and "cell sdpa stopped the kernel" in page
-    assert "from eva/" not in page and "roster" not in page, "paths and identities are the instructor's"
+    assert "from eva/" not in page, "the path it came from is for the instructor"
+    assert "roster" not in page, "so are notes about identities"
     assert (tmp_path / "course" / "autograded" / "eva" / LESSON / f"{LESSON}.ipynb").is_file()
 
 
@@ -98,7 +100,7 @@ def test_a_worker_with_another_course_refuses_the_task_and_it_is_failed(tmp_path
     assert row.status == "failed"
 
 
-# --- what a re-run grades again -----------------------------------------------------------
+# --- what a re-run grades again ---------------------------------------------------------------
 
 class StoredRows:
     """A gradebook that remembers one earlier row per (folder, lesson): all _plan reads."""
@@ -112,12 +114,12 @@ class StoredRows:
 
 def plan_for(out: Path, before: dict, force: bool = False):
     released = nbformat.read(QKV.student, as_version=4)
-    prepared = {LESSON: Prepared(LESSON, "v1", released, b"", 10.0, LessonPrint.of(LESSON, released))}
+    lesson = Prepared(LESSON, "v1", released, b"", 10.0, LessonPrint.of(LESSON, released))
     students = {name: Student(name) for name in ("ann", "bob", "cid", "dan")}
     found = Collection(students, [submission(name) for name in students], [])
     entries: list = []
-    plan = _plan(found, {name: name for name in students}, prepared, StoredRows(before), out, entries,
-                 cell_timeout=30, notebook_timeout=120, force=force, threads=1)
+    plan = _plan(found, {name: name for name in students}, {LESSON: lesson}, StoredRows(before),
+                 out, entries, cell_timeout=30, notebook_timeout=120, force=force, threads=1)
     return plan, entries
 
 
@@ -141,7 +143,7 @@ def test_a_rerun_grades_again_what_failed_or_lost_its_feedback_and_nothing_else(
     assert forced.unchanged == 0 and len(forced.owners[fingerprint]) == 4
 
 
-# --- the summary table ----------------------------------------------------------------------
+# --- the summary table ------------------------------------------------------------------------
 
 def test_summary_table_has_a_line_per_student_a_column_per_lesson_and_the_total():
     rows = [Row("zoe", "02_qkv_attention", 7.0, 10.0, "graded", "", "zoe"),
@@ -207,7 +209,7 @@ def test_a_zip_that_would_unpack_too_large_is_skipped(tmp_path, monkeypatch):
     assert found.entries[0].reason.startswith("it would unpack to more than")
 
 
-# --- what the instructor is told ------------------------------------------------------------
+# --- what the instructor is told --------------------------------------------------------------
 
 def nothing_to_grade(folder: Path, n_files: int) -> list[str]:
     """A folder with no student in it: loose files nobody can be named for, a zip that

@@ -357,13 +357,13 @@ class HFMambaWeights(torch.nn.Module):
             expand=2, intermediate_size=16, time_step_rank=2, use_conv_bias=True, use_bias=False,
             layer_norm_epsilon=1e-3, hidden_act="silu", tie_word_embeddings=tied)
         shapes = {"backbone.embeddings.weight": (11, 8), "backbone.norm_f.weight": (8,)}
+        mixer = {"A_log": (16, 3), "D": (16,), "conv1d.weight": (16, 1, 3), "conv1d.bias": (16,),
+                 "in_proj.weight": (32, 8), "x_proj.weight": (8, 16), "dt_proj.weight": (16, 2),
+                 "dt_proj.bias": (16,), "out_proj.weight": (8, 16)}
         for i in range(2):
-            layer = f"backbone.layers.{i}."
-            shapes.update({layer + "norm.weight": (8,), layer + "mixer.A_log": (16, 3),
-                           layer + "mixer.D": (16,), layer + "mixer.conv1d.weight": (16, 1, 3),
-                           layer + "mixer.conv1d.bias": (16,), layer + "mixer.in_proj.weight": (32, 8),
-                           layer + "mixer.x_proj.weight": (8, 16), layer + "mixer.dt_proj.weight": (16, 2),
-                           layer + "mixer.dt_proj.bias": (16,), layer + "mixer.out_proj.weight": (8, 16)})
+            shapes[f"backbone.layers.{i}.norm.weight"] = (8,)
+            shapes.update({f"backbone.layers.{i}.mixer.{name}": shape
+                           for name, shape in mixer.items()})
         g = torch.Generator().manual_seed(36)
         self.weights = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
         self.weights["lm_head.weight"] = (self.weights["backbone.embeddings.weight"] if tied
@@ -379,12 +379,12 @@ def test_from_hf_puts_every_hugging_face_weight_in_its_place(tied):
     hf = HFMambaWeights(tied)
     model = ssm.Mamba.from_hf(hf)
     ours = dict(model.named_parameters(remove_duplicate=False))
-    expected = {"embedding.weight": "backbone.embeddings.weight", "norm.weight": "backbone.norm_f.weight",
-                "lm_head.weight": "lm_head.weight"}
+    expected = {"embedding.weight": "backbone.embeddings.weight",
+                "norm.weight": "backbone.norm_f.weight", "lm_head.weight": "lm_head.weight"}
     for i in range(2):
         expected[f"blocks.{i}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
-        for name in ("A_log", "D", "conv1d.weight", "conv1d.bias", "in_proj.weight", "x_proj.weight",
-                     "dt_proj.weight", "dt_proj.bias", "out_proj.weight"):
+        for name in ("A_log", "D", "conv1d.weight", "conv1d.bias", "in_proj.weight",
+                     "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"):
             expected[f"blocks.{i}.mixer.{name}"] = f"backbone.layers.{i}.mixer.{name}"
     assert set(ours) == set(expected)
     for mine, theirs in expected.items():

@@ -11,9 +11,6 @@ import torch
 from helpers import tasks
 from helpers.tasks import IGNORE_INDEX, ToyVocab
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
-
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -23,7 +20,7 @@ def rows(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
-# --- lesson 01: recall at a distance ------------------------------------------------------------
+# --- lesson 01: recall at a distance ----------------------------------------------------------
 
 @pytest.mark.parametrize("distance", [1, 3, 11])
 def test_recall_targets_are_the_token_seen_distance_steps_ago(distance):
@@ -46,7 +43,7 @@ def test_recall_task_repeats_with_a_seed_and_every_token_is_drawn():
         tasks.recall_task(1, 5, 8, 0)
 
 
-# --- lesson 03: the previous token and the first token --------------------------------------------
+# --- lesson 03: the previous token and the first token ----------------------------------------
 
 def test_previous_and_first_token_targets():
     tokens, targets = tasks.previous_and_first_token_task(5, 9, 7, seeded(2))
@@ -58,7 +55,7 @@ def test_previous_and_first_token_targets():
         assert all(0 <= token < 7 for token in seq)
 
 
-# --- lesson 04: the toy translation ---------------------------------------------------------------
+# --- lesson 04: the toy translation -----------------------------------------------------------
 
 VOCAB, MIN_LENGTH, MAX_LENGTH = 20, 3, 10
 
@@ -104,7 +101,7 @@ def test_translation_is_one_fixed_dictionary_for_every_call():
     assert sum(word != meaning for word, meaning in dictionary.items()) >= (VOCAB - 2) // 2
 
 
-# --- lesson 05: the corpora of BERT, GPT and T5 ---------------------------------------------------
+# --- lesson 05: the corpora of BERT, GPT and T5 -----------------------------------------------
 
 def symbols(vocab: ToyVocab) -> range:
     return range(vocab.first_symbol, vocab.first_symbol + vocab.n_symbols)
@@ -163,7 +160,7 @@ def test_vocab_and_text_to_text_refuse_what_they_cannot_do():
         == "sort: _ </s>"
 
 
-# --- shift_right: teacher forcing --------------------------------------------------------------------
+# --- shift_right: teacher forcing -------------------------------------------------------------
 
 def shifted_by_hand(labels: list[list[int]], start: int, pad: int) -> list[list[int]]:
     return [[start] + [pad if x == IGNORE_INDEX else x for x in row[:-1]] for row in labels]
@@ -185,7 +182,7 @@ def test_shift_right_edge_cases(labels):
     assert torch.equal(tensor, before), "shift_right changed its input"
 
 
-# --- mask_tokens: BERT's 80/10/10 ----------------------------------------------------------------------
+# --- mask_tokens: BERT's 80/10/10 -------------------------------------------------------------
 
 MASK, V = 3, 1000
 SPECIALS = (0, 1, 2, MASK)
@@ -225,7 +222,8 @@ def test_mask_tokens_splits_chosen_tokens_80_10_10():
     inputs, labels = tasks.mask_tokens(tokens, MASK, V, p=0.15, generator=seeded(2))
     chosen = labels != IGNORE_INDEX
     assert abs(float(chosen.float().mean()) - 0.15) < 0.005
-    assert torch.equal(labels[chosen], tokens[chosen]) and torch.equal(inputs[~chosen], tokens[~chosen])
+    assert torch.equal(labels[chosen], tokens[chosen])
+    assert torch.equal(inputs[~chosen], tokens[~chosen])
     picked, original = inputs[chosen], tokens[chosen]
     masked = float((picked == MASK).float().mean())
     kept = float((picked == original).float().mean())
@@ -248,9 +246,9 @@ def test_mask_tokens_keeps_shape_and_dtype_and_repeats_with_a_seed():
     assert not torch.equal(labels, other[1])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_tasks_put_their_tensors_on_the_device_asked_for(device):
-    generator = seeded(5)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tasks_put_their_tensors_on_the_device_asked_for():
+    device, generator = "cuda", seeded(5)
     produced = [*tasks.recall_task(2, 6, 5, 2, generator, device),
                 *tasks.previous_and_first_token_task(2, 6, 5, generator, device),
                 *tasks.toy_translation_task(2, 3, 6, 10, generator, device)]
