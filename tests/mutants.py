@@ -10,7 +10,9 @@ runs the tests it names there (test files, or single tests as ``file::name``: th
 that notice it, so that the whole check stays a few minutes), without Hugging Face
 (``transformers`` is hidden), so that the course's own tests, not only the external oracles,
 catch it. A mutant that passes every test it names is a hole in the suite: the run fails and
-names it. The last line says how many were injected and noticed, the time and the load.
+names it. First the unmutated course must pass all the tests named (a test that fails anyway
+would seem to notice its mutants). The last line says how many mutants were injected and
+noticed, the time and the load.
 """
 
 from __future__ import annotations
@@ -355,10 +357,9 @@ def _scratch_copy(target: Path) -> None:
     (hide / "__init__.py").write_text("raise ImportError('hidden by the mutation check')\n")
 
 
-def run_mutant(mutant: Mutant, timeout_s: float = 600) -> tuple[Mutant, bool, float, str]:
-    """Apply ``mutant`` in a scratch copy and run its tests: (mutant, noticed, seconds, what
-    happened: the test that failed first, or the last line pytest printed)."""
-    started = time.monotonic()
+def _run(mutant: Mutant, timeout_s: float) -> tuple[int | None, list[str]]:
+    """Apply ``mutant`` in a scratch copy and run its tests there: pytest's exit code (None
+    when it ran past ``timeout_s``) and its output lines."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
         target = Path(scratch)
         _scratch_copy(target)
@@ -369,21 +370,40 @@ def run_mutant(mutant: Mutant, timeout_s: float = 600) -> tuple[Mutant, bool, fl
                                                             str(target)]),
                    OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONDONTWRITEBYTECODE="1")
         try:
-            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:xdist",
-                                     "-p", "no:cacheprovider", *mutant.tests],
+            result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf",
+                                     "-p", "no:xdist", "-p", "no:cacheprovider", *mutant.tests],
                                     cwd=target, env=env, capture_output=True, text=True,
                                     timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return mutant, False, time.monotonic() - started, \
-                f"its tests ran past {timeout_s:.0f} s: name tests that fail fast"
-    lines = (result.stdout + result.stderr).strip().splitlines() or [""]
+            return None, []
+    return result.returncode, (result.stdout + result.stderr).strip().splitlines() or [""]
+
+
+def run_mutant(mutant: Mutant, timeout_s: float = 600) -> tuple[Mutant, bool, float, str]:
+    """Apply ``mutant`` in a scratch copy and run its tests: (mutant, noticed, seconds, what
+    happened: the test that failed first, or why nothing could)."""
+    started = time.monotonic()
+    code, lines = _run(mutant, timeout_s)
+    seconds = time.monotonic() - started
+    if code is None:
+        return mutant, False, seconds, f"its tests ran past {timeout_s:.0f} s: name tests that fail fast"
+    if code not in (0, 1):  # 1: tests failed; 0: all passed; other: could not run
+        return mutant, False, seconds, f"pytest exited {code}: {lines[-1]}"
     failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
-    noticed = result.returncode == 1  # 1: tests failed; 0: all passed; other: could not run
-    if result.returncode not in (0, 1):
-        return mutant, False, time.monotonic() - started, \
-            f"pytest exited {result.returncode}: {lines[-1]}"
-    seen = f"by {failed[0]}" if noticed and failed else lines[-1]
-    return mutant, noticed, time.monotonic() - started, seen
+    return mutant, code == 1, seconds, f"by {failed[0]}" if code == 1 and failed else lines[-1]
+
+
+def unmutated(mutants: list[Mutant], timeout_s: float = 1200) -> str | None:
+    """Why the course as it is fails the tests the ``mutants`` name (None if it passes them):
+    such a test would seem to notice every mutant that names it."""
+    tests = tuple(dict.fromkeys(test for mutant in mutants for test in mutant.tests))
+    code, lines = _run(Mutant("unmutated", "helpers/__init__.py", "", "", tests), timeout_s)
+    if code == 0:
+        return None
+    if code is None:
+        return f"they ran past {timeout_s:.0f} s"
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return (failed or lines)[0] if code == 1 else f"pytest exited {code}: {lines[-1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown mutants: {', '.join(sorted(unknown))}")
         return 2
     started = time.monotonic()
+    problem = unmutated(chosen)
+    if problem:
+        print(f"the course as it is fails a test that the mutants name ({problem}): fix that first")
+        return 2
     missed = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for mutant, noticed, seconds, tail in pool.map(run_mutant, chosen):
