@@ -155,3 +155,30 @@ def accuracy_by_distance(distances: Sequence[int], accuracies: Mapping[str, Sequ
     ax.grid(True, alpha=0.3)
     ax.legend()
     return ax
+
+
+def quality_by_memory(curves: Mapping[str, Sequence[tuple[float, float]]],
+                      points: Mapping[str, tuple[float, float]], ceiling: float,
+                      chance: tuple[float, str] | None = None, ax: plt.Axes | None = None,
+                      ylabel: str = "quality", title: str | None = None) -> plt.Axes:
+    """Quality against the memory a compressed cache holds (lesson 09), one plot for all.
+
+    ``curves`` map a method to (memory fraction, quality) pairs over its budgets (eviction);
+    ``points`` map a method to one pair (a quantization width); ``ceiling`` is the full
+    cache's quality, dashed; ``chance`` (level, label) a dotted floor.
+    """
+    ax = ax if ax is not None else plt.subplots(figsize=(8, 5))[1]
+    for label, pairs in curves.items():
+        ax.plot([m for m, _ in pairs], [q for _, q in pairs], marker="o", label=label)
+    for label, (memory, quality) in points.items():
+        ax.plot([memory], [quality], marker="*", markersize=14, linestyle="", label=label)
+    ax.axhline(ceiling, color="gray", linestyle="--", label="full cache")
+    if chance is not None:
+        ax.axhline(chance[0], color="gray", linestyle=":", label=chance[1])
+    ax.set_xlabel("cache memory at the end, as a fraction of the full cache")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05 * max(ceiling, 1e-9))
+    ax.set_title(title or "quality against cache memory")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return ax

@@ -476,3 +476,34 @@ def broken_palindromes(vocab: ToyVocab, batch: int, half_len: int,
     labels = (tokens != tokens.flip(1)).long()  # (B, L): differs from its mirror partner
     labels[:, 0] = labels[:, -1] = IGNORE_INDEX
     return tokens.to(device), labels.to(device)
+
+
+def rule_stream(batch: int, n_pairs: int, n_symbols: int = 16, n_rules: int = 4,
+                generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rule stated once at the start and applied to the end (lesson 09's eviction test).
+
+    Each sequence is ``<bos> rule x1 y1 x2 y2 ... xN yN``: ``x`` are random symbols, and
+    ``y = (x + 1 + 5 * rule) mod n_symbols``. Every answer depends on the second token, so a
+    cache that evicts the first tokens loses the rule. (The rules' offsets 1, 6, 11, ... have
+    no common residue modulo 4 or 8; evenly spaced offsets such as 1, 5, 9, 13 would all
+    agree on ``y mod 4``, and a small model then stalls for long on that half-answer.) Ids:
+    symbols ``0 .. n_symbols - 1``, rules ``n_symbols .. n_symbols + n_rules - 1``,
+    ``<bos>`` = ``n_symbols + n_rules``. Returns ``inputs`` (batch, 2N + 1) and ``targets``
+    (batch, 2N + 1), the next tokens, scored (not :data:`IGNORE_INDEX`) only where they are
+    a ``y``.
+    """
+    offsets = [(1 + 5 * rule) % n_symbols for rule in range(n_rules)]
+    if len(set(offsets)) != n_rules:
+        raise ValueError(f"{n_rules} rules need {n_rules} different offsets modulo "
+                         f"n_symbols={n_symbols}, got {offsets}")
+    rules = torch.randint(n_rules, (batch,), generator=generator)  # (B,)
+    x = torch.randint(n_symbols, (batch, n_pairs), generator=generator)  # (B, N)
+    y = (x + torch.tensor(offsets)[rules][:, None]) % n_symbols  # (B, N)
+    bos = torch.full((batch, 1), n_symbols + n_rules)  # (B, 1)
+    sequence = torch.cat([bos, n_symbols + rules[:, None],
+                          torch.stack([x, y], dim=-1).flatten(1)], dim=1)  # (B, 2N + 2)
+    inputs, targets = sequence[:, :-1], sequence[:, 1:].clone()
+    targets[:, 0] = IGNORE_INDEX  # the rule: not predictable
+    targets[:, 1::2] = IGNORE_INDEX  # the x: random
+    return inputs.to(device), targets.to(device)

@@ -46,7 +46,8 @@ from helpers.attention import (
     sliding_window_mask,
     split_heads,
 )
-from helpers.kv_cache import KVCache
+from helpers.kv_cache import KVCache, SinkCache
+from helpers.tasks import IGNORE_INDEX
 from helpers.rope import apply_rope, rope_cos_sin
 
 ACTIVATIONS = {
@@ -94,25 +95,68 @@ def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
 
 def attention(attn: MultiHeadAttention, x: torch.Tensor, context: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, scale: float | None = None,
-              cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+              cache: KVCache | None = None, layer: int = 0,
+              positions: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """Multi-head attention through ``attn``'s projections, with a ``scale`` and a K/V cache.
 
     x (B, L, d_model) attends to ``context`` (B, S, d_model), itself by default; ``mask`` is
     boolean (True = attend) or an additive float bias, broadcast to (B, H, L, S'), where S'
-    counts the cached keys too. ``scale`` defaults to ``1/sqrt(head_dim)``; T5 uses 1.
-    ``cache`` keeps the keys and values of earlier positions in its layer ``layer``.
+    counts the cached keys too; ``is_causal`` (no mask, nothing cached) lets the fused kernel
+    apply the causal mask itself. ``scale`` defaults to ``1/sqrt(head_dim)``; T5 uses 1.
+    ``cache`` (any cache of :mod:`helpers.kv_cache`) keeps the keys and values of earlier
+    positions in its layer ``layer``; ``positions`` (B, L), each token's position in its own
+    sequence with -1 for padding, go to the cache, and padding keys are masked wherever the
+    cache keeps them. PyTorch's fused kernel computes the attention, unless the cache evicts
+    by attention weights (H2O): then the reference materialises them and hands them over.
     Returns (B, L, d_model), equal to ``attn(x, context, mask)`` when scale and cache are None.
     """
     context = x if context is None else context
     q = split_heads(attn.q_proj(x), attn.n_heads)  # (B, H, L, D)
     k = split_heads(attn.k_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
     v = split_heads(attn.v_proj(context), attn.n_kv_heads)  # (B, H_kv, S, D)
-    if cache is not None:
-        k, v = cache.update(layer, k, v)  # (B, H_kv, S', D)
     group = attn.n_heads // attn.n_kv_heads
+    if cache is not None and positions is not None:
+        real = _real_keys(cache.positions(layer), positions)  # (B, 1 or H_kv, 1, S')
+        real = real.repeat_interleave(group, dim=1) if real.shape[1] > 1 else real
+        mask = real if mask is None else mask & real
+        k, v = cache.update(layer, k, v, positions=positions)  # (B, H_kv, S', D)
+    elif cache is not None:
+        k, v = cache.update(layer, k, v)  # (B, H_kv, S', D)
+    if cache is None or not getattr(cache, "needs_attention_weights", False):
+        return attn.out_proj(merge_heads(_fused_sdpa(q, k, v, mask, scale, is_causal)))
+    if is_causal:
+        mask = causal_mask(q.shape[2], k.shape[2], device=q.device)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S', D)
-    out, _ = scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, H, L, D)
+    out, weights = scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, H, L, D)
+    cache.record_attention(layer, weights)
     return attn.out_proj(merge_heads(out))
+
+
+def _real_keys(held: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """(B, 1 or H_kv, 1, S) True for the keys that are tokens, not padding: from the positions
+    of the held keys (B or 1, 1 or H_kv, S_held) and of the new tokens (B, L), -1 = padding."""
+    B, heads = new.shape[0], held.shape[1]
+    keys = new[:, None, :].expand(B, heads, -1)  # (B, heads, L)
+    if held.shape[-1]:
+        keys = torch.cat([held.expand(B, heads, -1), keys], dim=-1)  # (B, heads, S)
+    return (keys >= 0)[:, :, None, :]
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None, is_causal: bool) -> torch.Tensor:
+    """PyTorch's fused SDPA, (B, H, L, Dv), K/V heads shared by groups of query heads.
+
+    A query row whose mask allows no key (a padding token) gives zeros, as the reference
+    does, whatever the PyTorch version: such rows attend everywhere, then are zeroed.
+    """
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, **gqa)
+    allowed = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    has_key = allowed.any(dim=-1, keepdim=True)  # (..., L, 1)
+    safe = mask | ~has_key if mask.dtype == torch.bool else mask.masked_fill(~has_key, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale, **gqa)
+    return torch.where(has_key, out, torch.zeros_like(out))
 
 
 def add_bias(mask: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -169,7 +213,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 position_bias: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d).
 
         ``mask``: boolean, broadcast to (B, H, L, S), True = attend (e.g. a padding mask
@@ -178,20 +222,26 @@ class TransformerBlock(nn.Module):
         cross-attention. ``position_bias`` (1 or B, H, L, S) is added to the self-attention
         scores (T5). ``cache`` holds the keys and values of earlier positions (generation),
         this block's in its layer ``layer``: x is then the next positions only, and S counts
-        the cached ones too.
+        the cached ones too; ``positions`` (B, L) are their positions in their own sequences,
+        -1 for padding (see :func:`attention`).
         """
         if hasattr(self, "cross_attn") and context is None:
             raise ValueError("this block has cross-attention: pass context (B, S, d_model)")
         L = x.shape[1]
-        S = L + (cache.held(layer) if cache is not None else 0)
-        if self.causal:
-            allowed = causal_mask(L, S, device=x.device)  # (L, S)
-            mask = allowed if mask is None else mask & allowed
+        held = cache.held(layer) if cache is not None else 0
+        is_causal = False
+        if self.causal and L > 1:  # (a single new query may see every key)
+            if mask is None and position_bias is None and positions is None and held == 0:
+                is_causal = True  # the fused kernel's own causal mask
+            else:
+                allowed = causal_mask(L, L + held, device=x.device)  # (L, S), bottom right
+                mask = allowed if mask is None else mask & allowed
         x = self._residual(x, self.norm1, lambda h: self._attend(
-            self.attn, h, None, add_bias(mask, position_bias), cache, layer))
+            self.attn, h, None, add_bias(mask, position_bias), cache, layer, positions,
+            is_causal))
         if hasattr(self, "cross_attn"):
             x = self._residual(x, self.norm_cross, lambda h: self._attend(
-                self.cross_attn, h, context, context_mask, None, 0))
+                self.cross_attn, h, context, context_mask, None, 0, None, False))
         return self._residual(x, self.norm2, self.mlp)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
@@ -202,12 +252,13 @@ class TransformerBlock(nn.Module):
         return norm(x + self.dropout(branch(x)))
 
     def _attend(self, attn: MultiHeadAttention, h: torch.Tensor, context: torch.Tensor | None,
-                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
-        """``attn`` on h; its own (fused) forward unless a scale or a cache is needed."""
-        if self.attn_scale is None and cache is None:
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                positions: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """``attn`` on h; its own forward unless a scale, a cache or the causal kernel is used."""
+        if self.attn_scale is None and cache is None and not is_causal:
             return attn(h, context=context, mask=mask)
         return attention(attn, h, context, mask=mask, scale=self.attn_scale, cache=cache,
-                         layer=layer)
+                         layer=layer, positions=positions, is_causal=is_causal)
 
 
 def init_gpt_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -217,6 +268,18 @@ def init_gpt_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(m.weight, mean=0.0, std=std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def input_major(weight: torch.Tensor) -> nn.Parameter:
+    """``weight`` (out, in), same values, laid out in memory as (in, out): ``.t()`` is contiguous.
+
+    A decode step multiplies one row vector by every weight matrix, a product limited by
+    reading the matrix from memory, and CPU BLAS (MKL) reads an (in, out) matrix for it about
+    a third faster than the (out, in) that ``nn.Linear`` allocates. Hugging Face's GPT-2 keeps
+    its ``Conv1D`` weights (in, out) for that reason. Shapes, values and the ``nn.Linear``
+    semantics do not change, only the strides.
+    """
+    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
 
 
 def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
@@ -240,24 +303,59 @@ def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def decode(step: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
-           max_new_tokens: int, use_cache: bool, do_sample: bool = False,
+def train_next_token(model: nn.Module, sample: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                     steps: int, lr: float) -> list[float]:
+    """AdamW (Loshchilov & Hutter, 2019) on the next-token cross-entropy; the loss per step.
+
+    ``sample()`` draws a fresh batch ``(inputs (B, L), targets (B, L))``, targets being the
+    next tokens with :data:`~helpers.tasks.IGNORE_INDEX` where nothing is scored. The model
+    is left in eval mode.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        inputs, targets = sample()
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def decode(step: Callable[[torch.Tensor, int], torch.Tensor], idx: torch.Tensor,
+           max_new_tokens: int, use_cache: bool, seen: int = 0, do_sample: bool = False,
            temperature: float = 1.0, top_k: int | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """The generation loop of the decoder-only models: idx (B, L) -> (B, L + max_new_tokens).
 
-    ``step(tokens)`` runs the model and returns the last position's logits (B, V). With
-    ``use_cache`` the model keeps its own K/V cache, so each step feeds only the tokens it has
-    not seen (the prompt, then one token at a time); without, every step feeds the whole
-    sequence. The next token is chosen by :func:`next_token`.
+    ``step(tokens, start)`` runs the model on ``tokens[:, start:]``, the tokens it has not
+    seen, and returns the last position's logits (B, V); ``tokens`` (B, t) is everything so
+    far. With ``use_cache`` the model keeps its own K/V cache, which holds the first
+    ``seen`` tokens already: each step feeds the prompt's rest, then one token at a time.
+    Without, every step feeds the whole sequence. The output is allocated once and the next
+    token is chosen by :func:`next_token`.
     """
-    fresh = idx  # the tokens the model has not seen yet
-    for _ in range(max_new_tokens):
-        token = next_token(step(fresh if use_cache else idx), do_sample, temperature, top_k,
-                           generator)  # (B, 1)
-        idx = torch.cat([idx, token], dim=1)
-        fresh = token
-    return idx
+    B, prompt = idx.shape
+    out = idx.new_empty(B, prompt + max_new_tokens)
+    out[:, :prompt] = idx
+    start = seen if use_cache else 0
+    for t in range(prompt, prompt + max_new_tokens):
+        logits = step(out[:, :t], start)  # (B, V)
+        out[:, t] = next_token(logits, do_sample, temperature, top_k, generator)[:, 0]
+        if use_cache:
+            start = t
+    return out
+
+
+def _check_continues(cache: KVCache, prompt: int) -> None:
+    """A cache given to ``generate`` holds the first tokens of idx at most, not all of them."""
+    if cache.seq_len >= prompt:
+        raise ValueError(f"the cache already holds {cache.seq_len} tokens but idx has only "
+                         f"{prompt}: idx must continue what the cache holds")
 
 
 def copy_weights(module: nn.Module, weights: Mapping[str, torch.Tensor],
@@ -311,50 +409,100 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         init_gpt_weights(self)
+        for m in self.blocks.modules():  # faster decoding on CPU, see input_major
+            if isinstance(m, nn.Linear):
+                m.weight = input_major(m.weight)
+        self.token_embedding.weight = input_major(self.token_embedding.weight)
         self.lm_head.weight = self.token_embedding.weight  # tied
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, L) token ids -> logits (B, L, vocab_size).
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """idx (B, L) token ids -> logits (B, L, vocab_size); see :meth:`hidden_states`."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, cache, position_ids))
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None, position_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """idx (B, L) token ids -> the last block's output after the final norm, (B, L, d).
 
         ``attention_mask`` (B, S) is True for real tokens, False for padding (keys only: a
-        padded position's own output is meaningless). With a ``cache`` (one layer per block,
-        :mod:`helpers.kv_cache`) idx continues the cached sequence: its positions start after
-        the cached ones, and S counts both.
+        padded position's own output is meaningless). With a ``cache`` (any cache of
+        :mod:`helpers.kv_cache`, one layer per block) idx continues the cached sequence, and
+        ``attention_mask`` covers the new tokens, (B, L), or all of them, (B, seq_len + L).
+        ``position_ids`` (B, L) choose each token's learned position, by default the next
+        ones (``seq_len, seq_len + 1, ...``); a left-padded batch gives each sequence its own.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx should have shape (B, L), got {tuple(idx.shape)}")
+        B, L = idx.shape
         start = cache.seq_len if cache is not None else 0
-        L = idx.shape[1]
         if start + L > self.max_len:
             raise ValueError(f"sequence of {start + L} tokens exceeds max_len={self.max_len}")
-        positions = torch.arange(start, start + L, device=idx.device)  # (L,)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        if position_ids is None:
+            position_ids = torch.arange(start, start + L, device=idx.device)  # (L,)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(position_ids))
+        mask = positions = None
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            if real.shape not in ((B, L), (B, start + L)):
+                raise ValueError(f"attention_mask should have shape (B, L) = {(B, L)} or "
+                                 f"(B, cached + L) = {(B, start + L)}, got {tuple(real.shape)}")
+            if cache is None:
+                mask = real[:, None, None, :]  # (B, 1, 1, S)
+            else:  # the cache records positions, -1 for padding, and masks it from then on
+                positions = torch.where(real[:, -L:], position_ids.expand(B, L), -1)  # (B, L)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=cache, layer=i)  # (B, L, d)
-        return self.lm_head(self.norm(x))  # (B, L, V)
+            x = block(x, mask=mask, cache=cache, layer=i, positions=positions)  # (B, L, d)
+        return self.norm(x)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
-                 cache: KVCache | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None,
+                 cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
 
         Greedy by default; ``do_sample`` draws with ``temperature`` and ``top_k`` (see
         :func:`next_token`). ``use_cache`` keeps each layer's keys and values in ``cache``
-        (a fresh :class:`~helpers.kv_cache.KVCache` by default), so every step feeds only the
-        newest token; without it every step reruns the whole sequence. Both give the same
-        tokens. Call ``.eval()`` first when the model has dropout.
+        (any cache of :mod:`helpers.kv_cache`; a fresh :class:`~helpers.kv_cache.KVCache`
+        sized for the whole output by default), so that every step feeds only the newest
+        token; a cache that already holds the first tokens of idx continues after them.
+        Without it every step reruns the whole sequence; both give the same tokens.
+
+        Prompts of different lengths go in one batch left-padded, with ``attention_mask``
+        (B, L) False on the padding: each sequence gets its own positions and never attends
+        to padding, so every row equals its prompt generated alone. Call ``.eval()`` first
+        when the model has dropout.
         """
-        if idx.shape[1] + max_new_tokens > self.max_len:
-            raise ValueError(f"{idx.shape[1]} + {max_new_tokens} tokens exceed "
+        B, prompt = idx.shape
+        total = prompt + max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"{prompt} + {max_new_tokens} tokens exceed "
                              f"max_len={self.max_len} learned positions")
-        if use_cache and cache is None:
-            cache = KVCache(len(self.blocks))
-        return decode(lambda tokens: self(tokens, cache=cache)[:, -1], idx, max_new_tokens,
-                      use_cache, do_sample, temperature, top_k, generator)
+        real = position_ids = None
+        if attention_mask is not None:
+            if attention_mask.shape != idx.shape:
+                raise ValueError(f"attention_mask should have the shape of idx "
+                                 f"{tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
+            if not bool(attention_mask.all()):
+                real = torch.ones(B, total, dtype=torch.bool, device=idx.device)
+                real[:, :prompt] = attention_mask.bool()
+                position_ids = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, total)
+        if use_cache:
+            cache = KVCache(len(self.blocks), capacity=total) if cache is None else cache
+            _check_continues(cache, prompt)
+
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            fresh = slice(start, tokens.shape[1])  # the tokens the model has not seen
+            hidden = self.hidden_states(
+                tokens[:, fresh], None if real is None else real[:, fresh],
+                cache if use_cache else None,
+                None if position_ids is None else position_ids[:, fresh])  # (B, L', d)
+            return self.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
+
+        return decode(step, idx, max_new_tokens, use_cache, cache.seq_len if use_cache else 0,
+                      do_sample, temperature, top_k, generator)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> GPT:
@@ -773,14 +921,24 @@ def rope_attention(attn: MultiHeadAttention, x: torch.Tensor, cos: torch.Tensor,
     x (B, L, d_model) holds the next L positions; cos, sin (L, head_dim) their angles
     (:func:`helpers.rope.rope_cos_sin`). Queries and keys are rotated, then the keys and
     values join ``cache`` (layer ``layer``), which returns what the queries attend to: the
-    keys are cached already rotated, so they are never rotated again.
+    keys are cached already rotated, so they are never rotated again. A cache that evicts by
+    attention weights (H2O) gets them from the reference attention, over what it returned.
     """
     q = apply_rope(split_heads(attn.q_proj(x), attn.n_heads), cos, sin)  # (B, H, L, D)
     k = apply_rope(split_heads(attn.k_proj(x), attn.n_kv_heads), cos, sin)  # (B, H_kv, L, D)
     v = split_heads(attn.v_proj(x), attn.n_kv_heads)  # (B, H_kv, L, D)
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (B, H_kv, S, D)
-    return attn.out_proj(merge_heads(causal_gqa_attention(q, k, v, window)))
+    if cache is None or not getattr(cache, "needs_attention_weights", False):
+        return attn.out_proj(merge_heads(causal_gqa_attention(q, k, v, window)))
+    L, S = q.shape[-2], k.shape[-2]  # a cache that evicts by attention (H2O): the reference
+    allowed = (causal_mask(L, S, device=q.device) if window is None
+               else sliding_window_mask(L, window, device=q.device, S=S))  # (L, S)
+    group = attn.n_heads // attn.n_kv_heads
+    out, weights = scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group),
+                                                mask=allowed)  # (B, H, L, D), (B, H, L, S)
+    cache.record_attention(layer, weights)
+    return attn.out_proj(merge_heads(out))
 
 
 class LlamaBlock(nn.Module):
@@ -875,14 +1033,26 @@ class Llama(nn.Module):
         """Continue idx (B, L) by ``max_new_tokens`` tokens: (B, L + max_new_tokens).
 
         As :meth:`GPT.generate`: greedy by default, sampling with ``do_sample``; ``use_cache``
-        keeps keys and values in ``cache`` (a fresh :class:`~helpers.kv_cache.KVCache` by
-        default; any cache with the same interface will do). With a window the cache may
-        evict keys older than the window: attention reads only what ``update`` returns.
+        keeps keys and values in ``cache``, any cache of :mod:`helpers.kv_cache`. By default
+        a model with a sliding window gets Mistral's rolling buffer,
+        ``SinkCache(n_layers, window, n_sinks=0)``, which holds the last ``window`` tokens
+        and no more (attention never reads further back), and a model without one a
+        :class:`~helpers.kv_cache.KVCache` sized for the whole output. A cache that already
+        holds the first tokens of idx continues after them.
         """
         if use_cache and cache is None:
-            cache = KVCache(len(self.blocks))
-        return decode(lambda tokens: self(tokens, cache=cache, last_only=True)[:, -1], idx,
-                      max_new_tokens, use_cache, do_sample, temperature, top_k, generator)
+            cache = (SinkCache(len(self.blocks), window=self.window, n_sinks=0)
+                     if self.window is not None
+                     else KVCache(len(self.blocks), capacity=idx.shape[1] + max_new_tokens))
+        if use_cache:
+            _check_continues(cache, idx.shape[1])
+
+        def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+            return self(tokens[:, start:], cache=cache if use_cache else None,
+                        last_only=True)[:, -1]  # (B, V)
+
+        return decode(step, idx, max_new_tokens, use_cache, cache.seq_len if use_cache else 0,
+                      do_sample, temperature, top_k, generator)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> Llama:

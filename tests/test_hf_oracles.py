@@ -98,6 +98,19 @@ def test_gpt2_greedy_generation_matches_hf(gpt2, use_cache):
     assert torch.equal(ours.generate(idx, 12, use_cache=use_cache), theirs)
 
 
+def test_gpt2_left_padded_batch_generates_like_hf(gpt2):
+    """Prompts of different lengths in one batch: Hugging Face gives each its own positions
+    from the attention mask, as ours must, and both equal one-by-one generation."""
+    ours = GPT.from_hf(gpt2)
+    idx, mask = tokens_and_mask(4, 9, seed=11, left=True)
+    theirs = gpt2.generate(idx, attention_mask=mask.long(), max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours.generate(idx, 12, attention_mask=mask), theirs)
+    assert torch.equal(ours.generate(idx, 12, attention_mask=mask, use_cache=False), theirs)
+    row = int(torch.argmin(mask.sum(dim=1)))  # the shortest prompt, alone
+    alone = ours.generate(idx[row:row + 1, mask[row]], 12)
+    assert torch.equal(alone[0], theirs[row, idx.shape[1] - int(mask[row].sum()):])
+
+
 def test_gpt2_from_hf_keeps_weights_tied(gpt2):
     ours = GPT.from_hf(gpt2)
     assert ours.lm_head.weight is ours.token_embedding.weight

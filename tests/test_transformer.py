@@ -247,3 +247,20 @@ def test_t5_untied_head_is_separate():
     assert model.lm_head.weight is not model.shared.weight
     tied = T5(V, D, n_layers=1, n_heads=H, d_ff=48)
     assert tied.lm_head.weight is tied.shared.weight
+
+
+def test_gpt_weights_are_stored_input_major_for_fast_decoding():
+    """A decode step multiplies one row by each weight; (in, out) storage reads faster on CPU.
+    The layout survives a dtype change and a state-dict round trip, and the values are those
+    of an ordinary nn.Linear."""
+    torch.manual_seed(10)
+    model = GPT(V, D, n_layers=1, n_heads=H, max_len=16).double()
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(w.t().is_contiguous() for w in weights)
+    assert model.lm_head.weight is model.token_embedding.weight
+    copy = GPT(V, D, n_layers=1, n_heads=H, max_len=16).double()
+    copy.load_state_dict(model.state_dict())
+    assert all(m.weight.t().is_contiguous() for m in copy.modules() if isinstance(m, nn.Linear))
+    x = torch.randn(2, D, dtype=torch.float64)
+    fc = model.blocks[0].mlp[0]
+    torch.testing.assert_close(fc(x), x @ fc.weight.detach().contiguous().t() + fc.bias)
