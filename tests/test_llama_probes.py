@@ -2,7 +2,8 @@
 generation equals rerunning the sequence (past the sliding window too), a forward split through
 the cache equals one forward, RoPE makes the logits independent of where the sequence starts,
 the receptive field of a windowed stack is exactly n_layers · (W - 1) + 1 positions (by
-gradients), grouped K/V heads equal their blocked copies; and the whole model against Llama
+gradients), grouped K/V heads equal their blocked copies, every cache with room for everything
+(H2O through the attention weights) generates as no cache does; and the whole model against Llama
 written out by hand on PyTorch's SDPA, with a head_dim that is not d_model / n_heads."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.kv_cache import KVCache
+from helpers.kv_cache import HeavyHitterCache, KVCache, QuantizedKVCache, SinkCache
 from helpers.transformer import Llama
 
 VOCAB = 50
@@ -38,6 +39,20 @@ def test_cached_generation_equals_rerunning_the_sequence(window):
     cached = model.generate(idx, 24)
     assert len(set(cached[:, 3:].flatten().tolist())) > 4, "degenerate test: few tokens"
     assert torch.equal(cached, model.generate(idx, 24, use_cache=False))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("make", [
+    lambda n: SinkCache(n, window=64),
+    lambda n: HeavyHitterCache(n, budget=64, n_recent=2),  # through the attention weights
+    lambda n: QuantizedKVCache(n, bits=8, residual=64),
+], ids=["sink", "heavy-hitter", "quantized"])
+def test_every_cache_with_room_for_everything_generates_like_no_cache(make, window):
+    """A cache that evicts or quantizes nothing changes nothing, with a sliding window too."""
+    model = small_llama(window)
+    idx = tokens(3)
+    expected = model.generate(idx, 24, use_cache=False)
+    assert torch.equal(model.generate(idx, 24, cache=make(len(model.blocks))), expected)
 
 
 @pytest.mark.parametrize("window", [None, 3])
