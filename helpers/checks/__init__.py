@@ -110,6 +110,14 @@ def without_shortcuts(what: str, torch_functions: Iterable[str] = (),
         raise CheckFailed(f"{what}: {error}" + (f"\n{hint}" if hint else "")) from None
 
 
+def run_without(what: str, run: Callable[[], object], torch_functions: Iterable[str] = (),
+                helpers: Iterable[str] = ()) -> object:
+    """``run()`` inside :func:`without_shortcuts`: the value of one call of the student's
+    code, or a failed check naming the forbidden reference it used."""
+    with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
+        return run()
+
+
 def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
             helpers: Iterable[str] = ()) -> Callable:
     """``fn`` wrapped so that each call runs :func:`without_shortcuts`: for checks that call

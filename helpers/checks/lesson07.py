@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed)
+                            expect_tensor, is_close, passed, run_without)
 from helpers.device import get_device
-from helpers.hidden._core import ShortcutUsed, forbid, fresh_import, record_shapes
+from helpers.hidden._core import fresh_import, record_shapes
 
 ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
 ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
@@ -34,15 +34,6 @@ def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.
     """A reproducible normal tensor on the course device."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
-def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpers=()) -> object:
-    """Run ``run`` and turn a use of a forbidden function into a readable failure."""
-    try:
-        with forbid(torch_functions=torch_functions, helpers=helpers):
-            return run()
-    except ShortcutUsed as error:
-        raise CheckFailed(f"{what}: {error}") from None
 
 
 def _first_match(result: torch.Tensor, mistakes: dict[str, torch.Tensor]) -> None:
@@ -71,7 +62,7 @@ def kv_cache_bytes(fn: Callable) -> None:
     config = cache_config()
     hint = ("config has the attributes n_layers, n_heads, n_kv_heads, head_dim and window "
             "(None for full attention)")
-    got = _run_without("kv_cache_bytes", lambda: call(fn, config, 10, name="kv_cache_bytes("
+    got = run_without("kv_cache_bytes", lambda: call(fn, config, 10, name="kv_cache_bytes("
                        "config, 10)", hint=hint), helpers=["helpers.kv_cache.kv_cache_bytes"])
     expect(isinstance(got, int) and not isinstance(got, bool),
            f"kv_cache_bytes should return an int (a number of bytes), got "
@@ -118,7 +109,7 @@ def repeat_kv(fn: Callable) -> None:
     x = _randn(2, 3, 5, 4, seed=0)
     hint = ("x is (B, H_kv, S, D): x[:, :, None] is (B, H_kv, 1, S, D); expand its axis 2, "
             "then reshape (not view: an expanded tensor cannot be viewed as fewer dims)")
-    out = _run_without("repeat_kv", lambda: call(fn, x, 2, name="repeat_kv(x, 2)", hint=hint),
+    out = run_without("repeat_kv", lambda: call(fn, x, 2, name="repeat_kv(x, 2)", hint=hint),
                        torch_functions=["repeat_interleave"],
                        helpers=["helpers.attention.repeat_kv"])
     out = expect_tensor(out, "repeat_kv(x, 2)")
@@ -160,7 +151,7 @@ def grouped_query_attention(fn: Callable) -> None:
         hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H_kv, S, D) = {(B, H_kv, S, D)}: "
                 f"q.reshape(B, H_kv, G * L, D) with G = H // H_kv, then one product with "
                 "k.transpose(-2, -1)")
-        out = _run_without(name, lambda: call(fn, q, k, v, name=name, hint=hint),
+        out = run_without(name, lambda: call(fn, q, k, v, name=name, hint=hint),
                            torch_functions=COPY_FUNCTIONS + ATTENTION_FUNCTIONS,
                            helpers=["helpers.attention.repeat_kv", *ATTENTION_HELPERS])
         out = expect_tensor(out, name)
@@ -209,7 +200,7 @@ def mean_pool_kv(fn: Callable) -> None:
     name = f"mean_pool_kv(weight ({H * D}, {d}), n_heads={H}, n_kv_heads={H_kv})"
     hint = f"weight is (H * D, d_model) = {(H * D, d)}: reshape to (H_kv, G, D, d_model) = " \
            f"{(H_kv, G, D, d)} and average over G"
-    out = _run_without("mean_pool_kv", lambda: call(fn, weight, H, H_kv, name=name, hint=hint),
+    out = run_without("mean_pool_kv", lambda: call(fn, weight, H, H_kv, name=name, hint=hint),
                        helpers=["helpers.attention.mean_pool_heads"])
     out = expect_tensor(out, name)
     expect_shape(out, (H_kv * D, d), name, "(n_kv_heads * head_dim, d_model)")
@@ -285,7 +276,7 @@ def apply_rope(fn: Callable) -> None:
     name = "apply_rope(x, positions)"
     hint = ("x is (B, H, L, D) and positions (L,): the angles positions[:, None] * theta[None, :]"
             " are (L, D/2); concatenate them twice to (L, D) so they broadcast against x")
-    out = _run_without("apply_rope", lambda: call(fn, x, positions, name=name, hint=hint),
+    out = run_without("apply_rope", lambda: call(fn, x, positions, name=name, hint=hint),
                        helpers=ROPE_HELPERS)
     out = expect_tensor(out, name)
     expect_shape(out, x.shape, name, "RoPE keeps the shape of x")
@@ -341,7 +332,7 @@ def local_global_mask(fn: Callable) -> None:
         name = f"local_global_mask(L={L}, window={window}, n_global={n_global})"
         hint = ("compare i = arange(L)[:, None] with j = arange(L)[None, :]: an (L, 1) and a "
                 "(1, L) tensor broadcast to (L, L)")
-        mask = _run_without("local_global_mask", lambda: call(
+        mask = run_without("local_global_mask", lambda: call(
             fn, L, window, n_global, device=device, name=name, hint=hint),
             helpers=["helpers.attention.sliding_window_mask"])
         mask = expect_tensor(mask, name)
@@ -403,7 +394,7 @@ def banded_attention(fn: Callable) -> None:
         hint = ("pad k and v in front with window - 1 rows and q at the end to a multiple of the "
                 "window (F.pad(x, (0, 0, front, back)) pads dim -2), then "
                 "unfold(2, 2 * window - 1, window)")
-        out, quadratic = _run_without(name, lambda: quadratic_tensor(
+        out, quadratic = run_without(name, lambda: quadratic_tensor(
             lambda: call(fn, q, k, v, window, name=name, hint=hint), L),
             torch_functions=ATTENTION_FUNCTIONS,
             helpers=["helpers.attention.sliding_window_mask", *ATTENTION_HELPERS])

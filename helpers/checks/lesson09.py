@@ -16,18 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed)
+                            expect_tensor, is_close, passed, run_without)
 from helpers.device import get_device, one_cpu_thread
-from helpers.hidden._core import ShortcutUsed, forbid, fresh_import
-
-
-def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpers=()) -> object:
-    """Run ``run`` and turn a use of a forbidden reference into a readable failure."""
-    try:
-        with forbid(torch_functions=torch_functions, helpers=helpers):
-            return run()
-    except ShortcutUsed as error:
-        raise CheckFailed(f"{what}: {error}") from None
+from helpers.hidden._core import ShortcutUsed, fresh_import
 
 
 def on_one_thread(check: Callable) -> Callable:
@@ -93,7 +84,7 @@ def decode_attention(fn: Callable) -> None:
     hint = (f"x is (B, 1, d) = {(B, 1, d_model)}, past_k and past_v are (B, H, S, D) = "
             f"{(B, H, S, d_model // H)}: project x, split its heads, torch.cat along dim 2")
     with torch.no_grad():
-        result = _run_without("decode_attention", lambda: call(
+        result = run_without("decode_attention", lambda: call(
             fn, attn, x, past_k, past_v, name="decode_attention(attn, x, past_k, past_v)",
             hint=hint), helpers=["helpers.transformer.attention"])
     expect(isinstance(result, tuple) and len(result) == 3,
@@ -303,7 +294,7 @@ def quantize(quantize_fn: Callable, dequantize_fn: Callable) -> None:
     for dim, bits in ((-1, 8), (1, 4), (0, 8), (-2, 4)):
         x = quantization_case(seed=dim + 3 * bits)
         what = f"quantize(x, dim={dim}, bits={bits}) on x of shape {tuple(x.shape)}"
-        result = _run_without("quantize", lambda: call(
+        result = run_without("quantize", lambda: call(
             quantize_fn, x, dim, bits, name=what, hint="take amin and amax along dim with "
             "keepdim=True, so that they broadcast against x"),
             helpers=["helpers.kv_cache.quantize"])

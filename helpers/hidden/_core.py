@@ -84,6 +84,20 @@ def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(diff.max())
 
 
+def expect_tensor(value: object, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """``value`` if it is a tensor (of ``dtype``, unless None); else a failure naming ``what``."""
+    if not isinstance(value, torch.Tensor):
+        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
+    return value
+
+
+def as_double(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Float64 copies, detached: the inputs of a reference computed in plain arithmetic."""
+    return [tensor.detach().double() for tensor in tensors]
+
+
 def expect_close(actual: torch.Tensor, expected: torch.Tensor, what: str,
                  atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Raise unless ``|actual - expected| <= atol + rtol * |expected|`` everywhere."""

@@ -10,7 +10,7 @@ import torch
 
 from helpers import rnn as reference
 from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import as_double, expect_close, expect_tensor, forbid, random_seed
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -39,18 +39,6 @@ def _weights(generator: torch.Generator, n: dict[str, int], dtype: torch.dtype
             _randn(generator, n["H"], dtype=dtype, scale=0.3))
 
 
-def _expect_tensor(value: object, dtype: torch.dtype, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
-
-
-def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [tensor.double() for tensor in tensors]
-
-
 def rnn_cell(student: Callable) -> None:
     """One step on random shapes, in float32 and float64; no torch RNN, no helpers.rnn."""
     seed = random_seed()
@@ -63,8 +51,8 @@ def rnn_cell(student: Callable) -> None:
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             h_t = student(x_t, h_prev, W_x, W_h, b)
         what = f"rnn_cell, {n}, {dtype}, seed {seed}"
-        _expect_tensor(h_t, dtype, what)
-        expected = reference.rnn_cell(*_double(x_t, h_prev, W_x, W_h, b))
+        expect_tensor(h_t, dtype, what)
+        expected = reference.rnn_cell(*as_double(x_t, h_prev, W_x, W_h, b))
         expect_close(h_t, expected, what, **TOLERANCES[dtype])
 
 
@@ -83,11 +71,11 @@ def rnn_unroll(student: Callable) -> None:
             states = student(x, W_x, W_h, b, h0)
             from_zeros = student(x, W_x, W_h, b)
         what = f"rnn_unroll, {n}, {dtype}, seed {seed}"
-        _expect_tensor(states, dtype, what)
-        expect_close(states, reference.rnn_unroll(*_double(x, W_x, W_h, b, h0)), what,
+        expect_tensor(states, dtype, what)
+        expect_close(states, reference.rnn_unroll(*as_double(x, W_x, W_h, b, h0)), what,
                      **TOLERANCES[dtype])
-        _expect_tensor(from_zeros, dtype, what + ", h0=None")
-        expect_close(from_zeros, reference.rnn_unroll(*_double(x, W_x, W_h, b)),
+        expect_tensor(from_zeros, dtype, what + ", h0=None")
+        expect_close(from_zeros, reference.rnn_unroll(*as_double(x, W_x, W_h, b)),
                      what + ", h0=None", **TOLERANCES[dtype])
 
 
@@ -110,7 +98,7 @@ def gradient_norms(student: Callable) -> None:
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             norms = student(states.to(dtype), W_x.to(dtype), W_h.to(dtype))
         what = f"gradient_norms, {n}, {dtype}, seed {seed}"
-        _expect_tensor(norms, dtype, what)
+        expect_tensor(norms, dtype, what)
         expect_close(norms, expected, what, **TOLERANCES[dtype])
 
 
@@ -127,6 +115,6 @@ def context_vector(student: Callable) -> None:
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             context = student(states, lengths)
         what = f"context_vector, {n}, lengths {lengths.tolist()}, {dtype}, seed {seed}"
-        _expect_tensor(context, dtype, what)
+        expect_tensor(context, dtype, what)
         expected = torch.stack([states[i, int(length) - 1] for i, length in enumerate(lengths)])
         expect_close(context, expected, what, atol=0.0, rtol=0.0)

@@ -19,8 +19,8 @@ from helpers import attention as reference_attention
 from helpers import linear_attention as reference_linear
 from helpers import ring as reference_ring
 from helpers.device import get_device
-from helpers.hidden._core import (HiddenTestFailed, expect_close, forbid, random_seed,
-                                  record_calls, record_shapes)
+from helpers.hidden._core import (HiddenTestFailed, expect_close, expect_tensor, forbid,
+                                  random_seed, record_calls, record_shapes)
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -43,14 +43,6 @@ def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, i
 
 def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
-def _expect_tensor(value: object, dtype: torch.dtype | None, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if dtype is not None and value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
 
 
 def _expect_value_error(run: Callable[[], object], what: str) -> None:
@@ -88,7 +80,7 @@ def ring_attention_simulated(student: Callable) -> None:
                                  "helpers.ring.ring_attention", *ATTENTION_HELPERS]):
                 with record_calls(["helpers.flash.block_attention"]) as calls:
                     out = student(q, k, v, n["P"], causal=causal)
-            out = _expect_tensor(out, dtype, what)
+            out = expect_tensor(out, dtype, what)
             expect_close(out, _attention(q, k, v, causal), what, **TOLERANCES[dtype])
             P = n["P"]
             expected_calls = P * (P + 1) // 2 if causal else P * P
@@ -133,7 +125,7 @@ def ring_work(student: Callable) -> None:
         with forbid(helpers=["helpers.ring.ring_work"]):
             got = student(positions.clone())
         what = f"ring_work of positions {positions.tolist()}, seed {seed}"
-        got = _expect_tensor(got, None, what)
+        got = expect_tensor(got, None, what)
         expected = reference_ring.ring_work(positions)
         if tuple(got.shape) != tuple(expected.shape) or not bool((got.double().cpu()
                                                                   == expected.double()).all()):
@@ -148,7 +140,7 @@ def striped_positions(student: Callable) -> None:
         n = _sizes(generator, P=(2, 7), block=(2, 6))
         L = n["P"] * n["block"]
         with forbid(helpers=["helpers.ring.layout_positions"]):
-            got = _expect_tensor(student(L, n["P"]), None, f"striped_positions({L}, {n['P']})")
+            got = expect_tensor(student(L, n["P"]), None, f"striped_positions({L}, {n['P']})")
         expected = [[r + n["P"] * i for i in range(n["block"])] for r in range(n["P"])]
         if got.is_floating_point() or got.tolist() != expected:
             raise HiddenTestFailed(f"striped_positions({L}, {n['P']}) = {got.tolist()}, "
@@ -182,7 +174,7 @@ def linear_attention_parallel(student: Callable) -> None:
                         helpers=[*LINEAR_HELPERS, *ATTENTION_HELPERS]):
                 with record_shapes() as shapes:
                     out = student(q, k, v, causal=causal)
-            out = _expect_tensor(out, dtype, what)
+            out = expect_tensor(out, dtype, what)
             expect_close(out, _linear_reference(q, k, v, causal), what, **TOLERANCES[dtype])
             if not causal:
                 _no_square(shapes, n["L"], S, what)
@@ -208,12 +200,12 @@ def linear_attention_recurrent(student: Callable) -> None:
             raise HiddenTestFailed(f"{what}: expected (out, (S, z))")
         out, (S, z) = result
         expected = _linear_reference(q, k, v, True)
-        expect_close(_expect_tensor(out, dtype, what), expected, f"{what}: out",
+        expect_close(expect_tensor(out, dtype, what), expected, f"{what}: out",
                      **TOLERANCES[dtype])
         phi_k = reference_linear.elu_feature_map(k.double())
-        expect_close(_expect_tensor(S, dtype, what), phi_k.transpose(-2, -1) @ v.double(),
+        expect_close(expect_tensor(S, dtype, what), phi_k.transpose(-2, -1) @ v.double(),
                      f"{what}: S", **TOLERANCES[dtype])
-        expect_close(_expect_tensor(z, dtype, what), phi_k.sum(-2), f"{what}: z",
+        expect_close(expect_tensor(z, dtype, what), phi_k.sum(-2), f"{what}: z",
                      **TOLERANCES[dtype])
         expect_close(torch.cat([first, second], dim=-2), expected,
                      f"{what}: fed in two pieces, cut at {cut}", **TOLERANCES[dtype])
@@ -237,6 +229,6 @@ def linear_attention_chunked(student: Callable) -> None:
         with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=LINEAR_HELPERS):
             with record_shapes() as shapes:
                 out = student(q, k, v, C)
-        expect_close(_expect_tensor(out, dtype, what), _linear_reference(q, k, v, True), what,
+        expect_close(expect_tensor(out, dtype, what), _linear_reference(q, k, v, True), what,
                      **TOLERANCES[dtype])
         _no_square(shapes, L, L, what)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from helpers import ssm as reference
 from helpers.checks.lesson10 import torch_calls
 from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import (HiddenTestFailed, as_double, expect_close, expect_tensor, forbid,
+                                  random_seed)
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -48,18 +49,6 @@ def _uniform(generator: torch.Generator, *shape: int, low: float, high: float,
             ).to(get_device())
 
 
-def _expect_tensor(value: object, dtype: torch.dtype, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
-
-
-def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [tensor.detach().double() for tensor in tensors]
-
-
 def discretize(student: Callable) -> None:
     """Exact ZOH on random shapes, with a float, a per-channel and a full step; a tiny ΔA in
     float32 (torch.expm1)."""
@@ -88,9 +77,9 @@ def discretize(student: Callable) -> None:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise HiddenTestFailed(f"{what}: expected a tuple (A_bar, B_bar)")
         expected = reference.discretize_zoh(
-            *_double(A, B), delta if isinstance(delta, float) else delta.double())
+            *as_double(A, B), delta if isinstance(delta, float) else delta.double())
         for name, value, target in zip(("A_bar", "B_bar"), result, expected):
-            _expect_tensor(value, A.dtype, f"{what}: {name}")
+            expect_tensor(value, A.dtype, f"{what}: {name}")
             expect_close(value, target, f"{what}: {name}", **TOLERANCES[A.dtype])
 
 
@@ -118,8 +107,8 @@ def ssm_recurrent(student: Callable) -> None:
         results = [student(*case[1:]) for case in cases]
     for (case, *inputs), y in zip(cases, results):
         what = f"ssm_recurrent, {case}, seed {seed}"
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssm_recurrent(*_double(*inputs)), what,
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssm_recurrent(*as_double(*inputs)), what,
                      **TOLERANCES[inputs[0].dtype])
 
 
@@ -140,8 +129,8 @@ def ssm_convolution(student: Callable) -> None:
         _, long_calls = torch_calls(student, long, *cases[0][2:])
     for (case, *inputs), y in zip(cases, results):
         what = f"ssm_convolution, {case}, seed {seed}"
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssm_recurrent(*_double(*inputs)), what,
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssm_recurrent(*as_double(*inputs)), what,
                      **TOLERANCES[inputs[0].dtype])
     if long_calls - short_calls > 12:
         raise HiddenTestFailed(f"ssm_convolution, seed {seed}: {short_calls} torch operations at "
@@ -166,8 +155,8 @@ def selective_scan_sequential(student: Callable) -> None:
         results = [student(*inputs) for _, inputs in cases]
     for (case, inputs), y in zip(cases, results):
         what = f"selective_scan_sequential, {case}, seed {seed}"
-        expected = reference.selective_scan(*_double(*inputs), method="sequential")
-        expect_close(_expect_tensor(y, inputs[0].dtype, what), expected, what,
+        expected = reference.selective_scan(*as_double(*inputs), method="sequential")
+        expect_close(expect_tensor(y, inputs[0].dtype, what), expected, what,
                      **TOLERANCES[inputs[0].dtype])
 
 
@@ -193,14 +182,14 @@ def parallel_scan(student: Callable) -> None:
         _, short_calls = torch_calls(student, long[:16], values[:16])
     for (a, b), h in zip(cases, results):
         what = f"parallel_scan, shape {tuple(b.shape)}, {b.dtype}, seed {seed}"
-        _expect_tensor(h, b.dtype, what)
-        expect_close(h, reference.sequential_scan(*_double(a, b)), what, **TOLERANCES[b.dtype])
+        expect_tensor(h, b.dtype, what)
+        expect_close(h, reference.sequential_scan(*as_double(a, b)), what, **TOLERANCES[b.dtype])
         weights = _randn(generator, *b.shape, dtype=b.dtype)
         try:
             grads = torch.autograd.grad((h * weights).sum(), (a, b))
         except RuntimeError as error:
             raise HiddenTestFailed(f"{what}: backward failed ({error})") from None
-        a64, b64 = (t.requires_grad_() for t in _double(a, b))
+        a64, b64 = (t.requires_grad_() for t in as_double(a, b))
         targets = torch.autograd.grad((reference.sequential_scan(a64, b64) * weights).sum(),
                                       (a64, b64))
         for name, got, target in zip(("a", "b"), grads, targets):
@@ -237,5 +226,5 @@ def ssd(student: Callable) -> None:
         what = f"ssd, {case}, seed {seed}"
         # a steep decay sums to exponents in the thousands: float32 keeps ~1e-4 of them
         tolerance = {"atol": 1e-4, "rtol": 1e-3} if steep else TOLERANCES[inputs[0].dtype]
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssd(*_double(*inputs)), what, **tolerance)
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssd(*as_double(*inputs)), what, **tolerance)
