@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import torch
 
+from helpers.device import get_device
 from helpers.hidden._core import ShortcutUsed, forbid
 
 _HELPERS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +131,12 @@ def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
         with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
             return fn(*args, **kwargs)
     return run
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
+    """A reproducible normal tensor (times ``scale``) on the course device: a check's input."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(get_device())
 
 
 def expect_tensor(value: object, name: str) -> torch.Tensor:

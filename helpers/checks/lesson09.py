@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed, run_without)
+                            expect_tensor, is_close, passed, randn, run_without)
 from helpers.device import get_device, one_cpu_thread
 from helpers.hidden._core import ShortcutUsed, fresh_import
 
@@ -31,11 +31,6 @@ def on_one_thread(check: Callable) -> Callable:
     return run
 
 
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
 # --- exercise 1: a decode step ---------------------------------------------------------------
 
 
@@ -48,7 +43,7 @@ def decode_step_case(attention_module: type, B: int, S: int, d_model: int, n_hea
     over the whole sequence (and from the usual mistakes)."""
     torch.manual_seed(seed)
     attn = attention_module(d_model, n_heads).to(get_device(), dtype)
-    x = _randn(B, S + 1, d_model, seed=seed + 1, dtype=dtype)
+    x = randn(B, S + 1, d_model, seed=seed + 1, dtype=dtype)
     with torch.no_grad():
         q = attn.q_proj(x).reshape(B, S + 1, n_heads, -1).transpose(1, 2)  # (B, H, S+1, D)
         k = attn.k_proj(x).reshape(B, S + 1, n_heads, -1).transpose(1, 2)
@@ -279,7 +274,7 @@ def quantization_oracle(x: torch.Tensor, dim: int, bits: int
 
 def quantization_case(seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(3, 5, 8) numbers with outliers, a constant slice along every dim, and exact ties."""
-    x = _randn(3, 5, 8, seed=seed, dtype=dtype) * 2
+    x = randn(3, 5, 8, seed=seed, dtype=dtype) * 2
     x[0, 1, 3] = 9.0  # an outlier
     x[1, 2, :] = -0.75  # constant along dim -1
     x[:, 0, 0] = 0.5  # constant along dim 0
