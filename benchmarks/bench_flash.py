@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.flash import flash_attention, flash_attention_forward
-from timing import median_ms, peak_rss_bytes
+from timing import median_ms, peak_rss_bytes, publish
 
 N, N_BACKWARD, BATCH, HEADS, HEAD_DIM = 8192, 4096, 1, 8, 64
 BLOCK_Q, BLOCK_K = 256, 512
@@ -176,10 +176,7 @@ def run() -> str:
         lines.append(f"| {name} | {ms:.0f} | {ms / backward['materialised autograd']:.2f} | "
                      f"{ms / backward['SDPA autograd']:.2f} | {training_memory[name]:.1f} |")
     table = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 TITLE = "FlashAttention on the CPU: tiled attention vs SDPA and materialised attention"

@@ -32,6 +32,7 @@ from helpers.course.autograde import autograde
 from helpers.course.grading import cores_here
 from helpers.course.lessons import find_lessons
 from helpers.course.release import answered_notebook
+from timing import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "out" / "grading.md"
@@ -148,10 +149,7 @@ def run(students: int | None = None) -> str:
               f"with `--jobs 16`: **{on_one:.1f} h**; four 16-core machines on Dask with a PostgreSQL gradebook: "
               f"**{on_four:.1f} h** (the measured Dask overhead included)."]
     table = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from helpers.device import get_device, one_cpu_thread, seed_everything
 from helpers.kv_cache import (HeavyHitterCache, KVCache, QuantizedKVCache, SinkCache,
                               cache_accuracy)
 from helpers.transformer import GPT, train_next_token
-from timing import median_ms
+from timing import median_ms, publish
 
 TITLE = "KV cache: cached generation and compressed caches"
 PROMPT, NEW_TOKENS, REPEATS = 16, 512, 3
@@ -169,10 +169,7 @@ def run() -> str:
     body = generation_section(device) + "\n" + quality_section(device)
     text = (f"{header} (load average {os.getloadavg()[0]:.1f} at the end: other processes make "
             f"CPU timings noisy)\n\n{body}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    print(text)
-    return text
+    return publish(text, OUT)
 
 
 if __name__ == "__main__":

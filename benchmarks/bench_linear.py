@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from helpers.device import get_device, one_cpu_thread, seed_everything
 from helpers.linear_attention import linear_attention
-from timing import median_ms
+from timing import median_ms, publish
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 RECURRENT_UP_TO = 4096  # one Python step per token: slow, and its growth is clear by then
@@ -104,10 +104,7 @@ def run() -> str:
               f"{HEAD_DIM}, float32\n\n")
     table = (header + "\n".join(lines) + "\n\nFitted exponents a of time ∝ n^a: "
              + "; ".join(exponents) + "\n")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from helpers.device import get_device
 from helpers.transformer import Llama
-from timing import median_ms
+from timing import median_ms, publish
 
 SHAPE = dict(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=2, bos_token_id=None,
@@ -95,10 +95,7 @@ def run() -> str:
                      f"{r['HF generate']:.0f} | {r['ours generate'] / r['HF generate']:.2f} | "
                      f"{'yes' if r['same tokens'] else 'NO'} |")
     table = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 
 from helpers.attention import MultiHeadAttention, split_heads
 from helpers.device import get_device, seed_everything
-from timing import median_ms
+from timing import median_ms, publish
 
 SEQ_LENS = (128, 512, 1024, 2048)
 D_MODEL, N_HEADS, BATCH = 256, 8, 1
@@ -70,10 +70,7 @@ def run() -> str:
         cells = [f"{t:.2f} ({t / base:.2f}×)" for t in times.values()]
         lines.append(f"| {L} | " + " | ".join(cells) + " |")
     table = header + "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from helpers.device import one_cpu_thread, seed_everything
 from helpers.ring import full_inputs, ring_scaling, run_on_processes
+from timing import publish
 
 SEQ_LEN, HEADS, HEAD_DIM = 4096, 4, 64
 WORLD_SIZES = (1, 2, 4)
@@ -78,10 +79,7 @@ def run() -> str:
               f"materialises a (L/P)² block of scores, so memory falls like 1/P²; with fewer "
               f"cores than processes the wall time per process cannot fall like 1/P.\n\n")
     table = header + "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

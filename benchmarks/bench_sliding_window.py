@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from helpers.attention import scaled_dot_product_attention, sliding_window_mask
 from helpers.device import get_device
 from helpers.sliding_window import sliding_window_attention
-from timing import median_ms
+from timing import median_ms, publish
 
 N, WINDOW, HEADS, HEAD_DIM = 16384, 512, 4, 64
 SWEEP = (2048, 4096, 8192, 16384)
@@ -123,10 +123,7 @@ def run() -> str:
               + ("`torch.cuda.max_memory_allocated`." if device.type == "cuda" else
                  "the growth of peak RSS in a fresh process (CPU).")]
     table = "\n".join(lines) + "\n"
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(table)
-    print(table)
-    return table
+    return publish(table, OUT)
 
 
 if __name__ == "__main__":

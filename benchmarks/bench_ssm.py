@@ -30,7 +30,7 @@ from helpers.device import get_device, one_cpu_thread, seed_everything
 from helpers.kv_cache import KVCache
 from helpers.ssm import Mamba, selective_scan
 from helpers.transformer import GPT
-from timing import median_ms
+from timing import median_ms, publish
 
 TITLE = "State space models: the parallel scan, Mamba against Hugging Face, decoding"
 OUT = Path(__file__).parent / "out" / "ssm.md"
@@ -208,10 +208,7 @@ def run() -> str:
               f"{os.cpu_count()} CPUs (load average {load:.1f} at the end: other processes make "
               "CPU timings noisy)\n\n")
     report = header + "\n".join(sections)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(report)
-    print(report)
-    return report
+    return publish(report, OUT)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared timing for the benchmarks: medians of interleaved runs, on any device; and the peak
-memory of one call, measured in a fresh process."""
+"""Shared timing for the benchmarks: medians of interleaved runs, on any device; the peak
+memory of one call, measured in a fresh process; and where each benchmark's markdown goes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -71,3 +72,12 @@ def peak_rss_bytes(setup: Callable[[], tuple], fn: Callable[..., object]) -> int
         raise RuntimeError("peak_rss_bytes reads /proc/self/status and needs Linux")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_rss_added_by, (setup, fn))
+
+
+def publish(markdown: str, out: Path) -> str:
+    """Write a benchmark's markdown to ``out`` (under ``benchmarks/out/``), print it, return it
+    for the combined report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown)
+    print(markdown)
+    return markdown

@@ -45,7 +45,7 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return exp / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a readable error when q, k, v do not fit ``(..., L, D), (..., S, D), (..., S, Dv)``."""
     if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
         raise ValueError("q, k, v need at least 2 dims (..., seq, head_dim), got shapes "
@@ -84,7 +84,7 @@ def scaled_dot_product_attention(
     PyTorch). Returns out (..., L, Dv) and weights (..., L, S) in the dtype of ``q``; float16
     and bfloat16 inputs are computed in float32. Fully masked query rows give zeros.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     compute = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
     scores = q.to(compute) @ k.to(compute).transpose(-2, -1) * scale  # (..., L, S)

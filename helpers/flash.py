@@ -32,7 +32,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
-from helpers.attention import _check_qkv
+from helpers.attention import check_qkv
 
 NEG_INF = float("-inf")
 
@@ -186,7 +186,7 @@ def _check_blocks(block_q: int, block_k: int) -> None:
 def _checked_scale(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                    block_q: int, block_k: int) -> float:
     """Validate q (..., L, D), k (..., S, D), v (..., S, Dv) and the blocks; the scale to use."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
         raise ValueError(f"q, k and v must share their leading dims (...): got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.attention import causal_mask, merge_heads, split_heads
+from helpers.attention import causal_mask, check_qkv, merge_heads, split_heads
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("parallel", "recurrent", "chunked")
@@ -146,18 +146,6 @@ FORMS = {"parallel": parallel_linear_attention, "recurrent": recurrent_linear_at
          "chunked": chunked_linear_attention}
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
-        raise ValueError("q, k, v need at least 2 dims (..., seq, head_dim), got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q (..., L, D) and k (..., S, D) must share D: q has shape "
-                         f"{tuple(q.shape)}, k has shape {tuple(k.shape)}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k (..., S, D) and v (..., S, Dv) must share S: k has shape "
-                         f"{tuple(k.shape)}, v has shape {tuple(v.shape)}")
-
-
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                      feature_map: FeatureMap | None = None, method: str = "parallel",
                      chunk_size: int = 64) -> torch.Tensor:
@@ -169,7 +157,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     give the same output. ``causal`` masks bottom right, as ``helpers.attention.causal_mask``.
     No ``1/√D`` scale: a scale on ``q`` cancels between the numerator and the normaliser.
     """
-    _check_inputs(q, k, v)
+    check_qkv(q, k, v)
     if method not in FORMS:
         raise ValueError(f"method should be one of {METHODS}, got {method!r}")
     if chunk_size < 1:

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers.attention import check_qkv
 from helpers.flash import block_attention, block_attention_backward, merge_attention
 
 LAYOUTS = ("contiguous", "striped", "zigzag")
@@ -93,15 +94,6 @@ def _block_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, offset: int, device: t
     return allowed.to(device)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() < 2 or k.dim() < 2 or v.dim() < 2:
-        raise ValueError("q, k, v need at least 2 dims (..., seq, head_dim), got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"q (..., L, D), k (..., S, D), v (..., S, Dv) do not fit: got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-
-
 # --- the ring in one process ---
 
 def ring_attention_simulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -114,7 +106,7 @@ def ring_attention_simulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     every device merges the K/V block it holds into its result, then passes the block to
     device ``r + 1``. ``causal`` is bottom right, as ``helpers.attention.causal_mask``.
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     L, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q_pos = layout_positions(L, world_size, layout)  # (P, L/P) on the CPU, for the masks
@@ -329,7 +321,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise RuntimeError("ring_attention needs a torch.distributed process group: call it "
                            "on every rank after init_process_group (run_on_processes starts "
                            "one), or use ring_attention_simulated in a single process")
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     if layout not in LAYOUTS:
         raise ValueError(f"layout should be one of {LAYOUTS}, got {layout!r}")
     if layout == "zigzag" and causal and (q.shape[-2] % 2 or k.shape[-2] % 2):

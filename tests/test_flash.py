@@ -155,12 +155,16 @@ def test_skipped_blocks_are_never_computed(forward):
 
 # --- backward ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-@pytest.mark.parametrize("causal", [False, True])
+# SDPA's autograd gives NaN for queries that see no key (causal, L > S): those cases are
+# tested against masked scores in test_backward_with_queries_that_see_no_key.
+BACKWARD_CASES = [pytest.param(shape, causal, id=f"{name}-{'causal' if causal else 'full'}")
+                  for shape, name in zip(SHAPES, IDS) for causal in (False, True)
+                  if not (causal and shape[1] > shape[2])]
+
+
+@pytest.mark.parametrize("shape, causal", BACKWARD_CASES)
 def test_backward_matches_autograd_through_sdpa(shape, causal):
     lead, L, S, D, Dv, block_q, block_k = shape
-    if causal and L > S:
-        pytest.skip("SDPA's autograd gives NaN for queries that see no key; tested below")
     q, k, v = (t.requires_grad_() for t in qkv(lead, L, S, D, Dv, seed=1))
     mask = bottom_right(L, S) if causal else None
     dout = torch.randn(*lead, L, Dv, dtype=torch.float64)

@@ -9,7 +9,8 @@ import torch
 
 from helpers.attention import causal_mask, sliding_window_mask
 from helpers.kv_cache import (HeavyHitterCache, KVCache, QuantizedKVCache, SinkCache,
-                              dequantize, kv_cache_bytes, pack_int4, quantize, unpack_int4)
+                              dequantize, heavy_hitter_keep, kv_cache_bytes, pack_int4, quantize,
+                              sink_window_keep, unpack_int4)
 from helpers.transformer import GPT
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -193,6 +194,21 @@ def test_sink_cache_keeps_each_sequence_its_own_sinks_in_a_padded_batch():
     slots = cache.stored(0)["keys"][:, 0, :, 0]  # (B, 4): which slots each sequence kept
     assert slots.tolist() == [[0, 1, 5, 6], [3, 4, 5, 6]]
     assert cache.positions(0)[:, 0].tolist() == [[0, 1, 5, 6], [0, 1, 2, 3]]
+
+
+def test_padding_is_evicted_first_whatever_its_position_or_score():
+    """Worked by hand: two pads (position -1), then tokens at positions 0..4 (slots 2..6).
+    StreamingLLM with 1 sink and a window of 2 keeps position 0, 3, 4 (slots 2, 5, 6), though
+    -1 is below n_sinks. H2O with a budget of 3, 1 recent, keeps position 4 (slot 6) and the
+    two heaviest real tokens, positions 1 and 3 (slots 3, 5), though the pads score higher."""
+    positions = torch.tensor([[-1, -1, 0, 1, 2, 3, 4]])
+    assert sink_window_keep(positions, window=2, n_sinks=1).tolist() == [[2, 5, 6]]
+    scores = torch.tensor([[9.0, 8.0, 1.0, 5.0, 2.0, 3.0, 0.5]])
+    assert heavy_hitter_keep(scores, positions, budget=3, n_recent=1).tolist() == [[3, 5, 6]]
+    # a recent window reaching before the first token must not make the pads recent
+    short = torch.tensor([[-1, -1, -1, 0, 1]])
+    kept = heavy_hitter_keep(torch.ones(1, 5), short, budget=2, n_recent=3)
+    assert kept.tolist() == [[3, 4]]
 
 
 def test_heavy_hitter_cache_keeps_the_recent_and_the_most_attended():

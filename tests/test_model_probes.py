@@ -1,7 +1,9 @@
 """Small mistakes that the model-level oracles can miss, caught without Hugging Face: each test
 checks one definition against values worked out from the paper, or a property that a typical
 slip breaks (RMSNorm's epsilon, the float32 upcast of half-precision attention, top-k and
-temperature sampling, T5's relative-position buckets, GPT's padding mask on keys)."""
+temperature sampling, T5's relative-position buckets, GPT's padding mask on keys, BERT's
+post-LN order against PyTorch's own encoder layers, T5's output scale with a tied head, the
+SwiGLU gate)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from helpers.attention import scaled_dot_product_attention
-from helpers.transformer import GPT, RMSNorm, next_token, relative_position_bucket
+from helpers.transformer import (GPT, T5, BertEncoder, RMSNorm, SwiGLU, next_token,
+                                relative_position_bucket)
 
 
 # RMSNorm (Zhang & Sennrich, 2019): y = x / sqrt(mean(x²) + eps) · g -------------------------
 
 def rms_formula(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.double()
-    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.detach().double()
 
 
 @pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e3])
@@ -55,7 +59,8 @@ def ulps(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
     """Largest difference in units in the last place of ``dtype`` at the expected value's
     magnitude (at least ``floor``, so that values near zero do not divide by nothing)."""
     scale = 2.0 ** torch.floor(torch.log2(expected.double().abs().clamp_min(floor)))
-    return float(((actual.double() - expected.double()).abs() / (scale * torch.finfo(dtype).eps)).max())
+    error = (actual.detach().double() - expected.double()).abs()
+    return float((error / (scale * torch.finfo(dtype).eps)).max())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -142,3 +147,70 @@ def test_gpt_padding_hides_the_padded_keys():
         torch.testing.assert_close(model(other, attention_mask=real)[1, 4:], logits[1, 4:])
         assert not torch.allclose(model(other)[1, 4:], model(idx)[1, 4:]), \
             "without the mask the padded tokens should matter: the test would not see a dropped mask"
+
+
+# BERT is post-LN: PyTorch's own encoder layers, stacked, are the oracle ----------------------
+
+def test_bert_encoder_is_embeddings_then_torch_post_ln_encoder_layers():
+    """BERT (Devlin et al., 2019): token + position + segment embeddings, LayerNorm, then
+    post-LN layers ``norm(x + sublayer(x))``, which is ``nn.TransformerEncoderLayer`` with
+    ``norm_first=False``; padding hides keys (``src_key_padding_mask``)."""
+    from test_transformer import copy_attention  # nn.MultiheadAttention's weights into ours
+
+    torch.manual_seed(3)
+    d, heads, d_ff, vocab = 32, 4, 48, 50
+    model = BertEncoder(vocab, d, n_layers=2, n_heads=heads, max_len=16, d_ff=d_ff).double()
+    with torch.no_grad():  # fresh norms are ones and zeros: make a misplaced norm visible
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    layers = []
+    for block in model.blocks:
+        layer = nn.TransformerEncoderLayer(d, heads, d_ff, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=False,
+                                           layer_norm_eps=1e-12).double()
+        copy_attention(block.attn, layer.self_attn)
+        for mine, theirs in ((block.norm1, layer.norm1), (block.norm2, layer.norm2),
+                             (block.mlp[0], layer.linear1), (block.mlp[2], layer.linear2)):
+            theirs.load_state_dict(mine.state_dict())
+        layers.append(layer.train())  # train mode, dropout 0: PyTorch's exact slow path
+    idx = torch.randint(0, vocab, (2, 9))
+    segments = (torch.arange(9) >= 5).long().expand(2, 9)
+    real = torch.arange(9) < torch.tensor([9, 6])[:, None]  # (B, L)
+    x = (model.token_embedding.weight[idx] + model.position_embedding.weight[:9]
+         + model.token_type_embedding.weight[segments])
+    x = F.layer_norm(x, (d,), model.embedding_norm.weight, model.embedding_norm.bias, 1e-12)
+    for layer in layers:
+        x = layer(x, src_key_padding_mask=~real)
+    with torch.no_grad():
+        hidden = model(idx, attention_mask=real, token_type_ids=segments)
+    torch.testing.assert_close(hidden[real], x[real].detach(), atol=1e-10, rtol=1e-10)
+
+
+# T5 scales the decoder output by d_model^-0.5 when its LM head is the embedding -------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_t5_scales_the_decoder_output_only_when_the_head_is_tied(tied):
+    """Mesh TensorFlow's T5 (and Hugging Face's): with tied embeddings the logits are
+    ``(h · d_model^-0.5) Eᵀ``; an untied head reads h unscaled. Greedy decoding cannot see
+    this (a positive factor keeps the argmax), the logits can."""
+    torch.manual_seed(4)
+    d, vocab = 32, 50
+    model = T5(vocab, d, n_layers=1, n_heads=4, d_ff=48, tie_word_embeddings=tied).double().eval()
+    src, tgt = torch.randint(0, vocab, (2, 6)), torch.randint(0, vocab, (2, 5))
+    with torch.no_grad():
+        states = model.encoder(model.shared(src))
+        h = model.decoder(model.shared(tgt), context=states)  # (B, L, d)
+        head = model.shared.weight if tied else model.lm_head.weight
+        expected = (h * d ** -0.5 if tied else h) @ head.T
+        torch.testing.assert_close(model(src, tgt), expected, atol=1e-12, rtol=1e-10)
+
+
+# SwiGLU (Shazeer, 2020): down(silu(x W_gate) ⊙ x W_up) -----------------------------------------
+
+def test_swiglu_gates_with_the_gate_projection():
+    torch.manual_seed(5)
+    mlp = SwiGLU(8, 12).double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    gate, up, down = mlp.gate.weight, mlp.up.weight, mlp.down.weight
+    expected = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    torch.testing.assert_close(mlp(x), expected, atol=1e-12, rtol=1e-10)

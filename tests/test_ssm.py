@@ -5,6 +5,8 @@ one pass. Hugging Face's Mamba is in test_ssm_hf.py."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,6 +344,56 @@ def test_model_errors_name_the_shapes():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="one MambaState per layer"):
         model(torch.zeros(1, 5, dtype=torch.long), model.empty_states(1)[:1])
+
+
+class HFMambaWeights(torch.nn.Module):
+    """Stands in for a ``transformers.MambaForCausalLM``: what ``from_hf`` reads of one (its
+    config and its state dict, under Hugging Face's names), without the package."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.config = SimpleNamespace(
+            vocab_size=11, hidden_size=8, num_hidden_layers=2, state_size=3, conv_kernel=3,
+            expand=2, intermediate_size=16, time_step_rank=2, use_conv_bias=True, use_bias=False,
+            layer_norm_epsilon=1e-3, hidden_act="silu", tie_word_embeddings=tied)
+        shapes = {"backbone.embeddings.weight": (11, 8), "backbone.norm_f.weight": (8,)}
+        mixer = {"A_log": (16, 3), "D": (16,), "conv1d.weight": (16, 1, 3), "conv1d.bias": (16,),
+                 "in_proj.weight": (32, 8), "x_proj.weight": (8, 16), "dt_proj.weight": (16, 2),
+                 "dt_proj.bias": (16,), "out_proj.weight": (8, 16)}
+        for i in range(2):
+            shapes[f"backbone.layers.{i}.norm.weight"] = (8,)
+            shapes.update({f"backbone.layers.{i}.mixer.{name}": shape
+                           for name, shape in mixer.items()})
+        g = torch.Generator().manual_seed(36)
+        self.weights = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+        self.weights["lm_head.weight"] = (self.weights["backbone.embeddings.weight"] if tied
+                                          else torch.randn(11, 8, generator=g))
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # device and dtype to build on
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self.weights)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_from_hf_puts_every_hugging_face_weight_in_its_place(tied):
+    hf = HFMambaWeights(tied)
+    model = ssm.Mamba.from_hf(hf)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    expected = {"embedding.weight": "backbone.embeddings.weight",
+                "norm.weight": "backbone.norm_f.weight", "lm_head.weight": "lm_head.weight"}
+    for i in range(2):
+        expected[f"blocks.{i}.norm.weight"] = f"backbone.layers.{i}.norm.weight"
+        for name in ("A_log", "D", "conv1d.weight", "conv1d.bias", "in_proj.weight",
+                     "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"):
+            expected[f"blocks.{i}.mixer.{name}"] = f"backbone.layers.{i}.mixer.{name}"
+    assert set(ours) == set(expected)
+    for mine, theirs in expected.items():
+        assert torch.equal(ours[mine], hf.weights[theirs]), f"{mine} is not {theirs}"
+    assert (model.lm_head.weight is model.embedding.weight) == tied
+    mixer = model.blocks[0].mixer
+    assert (mixer.d_state, mixer.d_conv, mixer.dt_rank, mixer.d_inner) == (3, 3, 2, 16)
+    assert model.norm.eps == model.blocks[1].norm.eps == 1e-3
+    assert mixer.in_proj.bias is None and mixer.conv1d.bias is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

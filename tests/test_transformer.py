@@ -264,3 +264,38 @@ def test_gpt_weights_are_stored_input_major_for_fast_decoding():
     x = torch.randn(2, D, dtype=torch.float64)
     fc = model.blocks[0].mlp[0]
     torch.testing.assert_close(fc(x), x @ fc.weight.detach().contiguous().t() + fc.bias)
+
+
+def test_local_pretrained_never_downloads(tmp_path, monkeypatch, capsys):
+    """Without a local copy it says so and returns None, offline, instead of fetching."""
+    pytest.importorskip("transformers")
+    from helpers.pretrained import local_pretrained
+
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_pretrained("GPT2LMHeadModel", str(tmp_path / "nowhere")) is None
+    assert capsys.readouterr().out.startswith("skipped: no local copy of the ")
+
+
+def test_local_pretrained_loads_a_saved_checkpoint(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from helpers.pretrained import local_pretrained
+
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "keys", "are"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=16)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    tokenizer, model = local_pretrained("BertModel", str(tmp_path), attn_implementation="eager")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("keys are").input_ids) == ["[CLS]", "keys", "are", "[SEP]"]
+    assert isinstance(model, transformers.BertModel) and model.config.hidden_size == 8
+
+
+def test_local_pretrained_skips_while_autograding(monkeypatch, capsys):
+    from helpers.pretrained import local_pretrained
+
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    assert local_pretrained("GPT2LMHeadModel", "gpt2") is None
+    assert capsys.readouterr().out == "skipped: not while autograding\n"

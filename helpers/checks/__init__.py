@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import torch
 
+from helpers.device import get_device
 from helpers.hidden._core import ShortcutUsed, forbid
 
 _HELPERS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,14 @@ def without_shortcuts(what: str, torch_functions: Iterable[str] = (),
         raise CheckFailed(f"{what}: {error}" + (f"\n{hint}" if hint else "")) from None
 
 
+def run_without(what: str, run: Callable[[], object], torch_functions: Iterable[str] = (),
+                helpers: Iterable[str] = ()) -> object:
+    """``run()`` inside :func:`without_shortcuts`: the value of one call of the student's
+    code, or a failed check naming the forbidden reference it used."""
+    with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
+        return run()
+
+
 def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
             helpers: Iterable[str] = ()) -> Callable:
     """``fn`` wrapped so that each call runs :func:`without_shortcuts`: for checks that call
@@ -122,6 +131,12 @@ def guarded(fn: Callable, what: str, torch_functions: Iterable[str] = (),
         with without_shortcuts(what, torch_functions=torch_functions, helpers=helpers):
             return fn(*args, **kwargs)
     return run
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
+    """A reproducible normal tensor (times ``scale``) on the course device: a check's input."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(get_device())
 
 
 def expect_tensor(value: object, name: str) -> torch.Tensor:

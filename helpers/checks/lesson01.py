@@ -11,24 +11,17 @@ from collections.abc import Callable
 
 import torch
 
-from helpers.checks import (call, expect, expect_close, expect_shape, expect_tensor, exercise,
-                            guarded, is_close, passed)
-from helpers.device import get_device
+from helpers.checks import (call, exercise, expect, expect_close, expect_shape, expect_tensor,
+                            guarded, is_close, passed, randn)
 from helpers.hidden.lesson01 import RNN_FUNCTIONS, RNN_HELPERS
 
 B, L, D, H = 3, 6, 4, 5  # D != H, so a transposed W_x fails loudly
 
 
-def _randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
-    """A reproducible float64 normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(get_device())
-
-
 def _weights(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W_x (H, D), W_h (H, H), b (H,), scaled so that tanh is neither linear nor saturated."""
-    return (_randn(H, D, seed=seed, scale=0.6), _randn(H, H, seed=seed + 1, scale=0.5),
-            _randn(H, seed=seed + 2, scale=0.3))
+    return (randn(H, D, seed=seed, scale=0.6), randn(H, H, seed=seed + 1, scale=0.5),
+            randn(H, seed=seed + 2, scale=0.3))
 
 
 def _torch_rnn(W_x: torch.Tensor, W_h: torch.Tensor, b: torch.Tensor) -> torch.nn.RNN:
@@ -51,7 +44,7 @@ def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
 def rnn_cell(fn: Callable) -> None:
     """Check ``rnn_cell(x_t, h_prev, W_x, W_h, b)`` -> (B, H) against ``torch.nn.RNNCell``."""
     fn = guarded(fn, "rnn_cell", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
-    x_t, h_prev = _randn(B, D, seed=0), _randn(B, H, seed=1, scale=0.8)
+    x_t, h_prev = randn(B, D, seed=0), randn(B, H, seed=1, scale=0.8)
     W_x, W_h, b = _weights(seed=2)
     shapes = (f"shapes: x_t (B, D) = {(B, D)}, h_prev (B, H) = {(B, H)}, W_x (H, D) = {(H, D)}, "
               f"W_h (H, H) = {(H, H)}, b (H,) = {(H,)}; with row vectors, W_x x_t is "
@@ -85,7 +78,7 @@ def rnn_unroll(fn: Callable) -> None:
     """Check ``rnn_unroll(x, W_x, W_h, b, h0=None)`` -> (B, L, H) against ``torch.nn.RNN``."""
     fn = guarded(fn, "rnn_unroll", torch_functions=RNN_FUNCTIONS,
                  helpers=[name for name in RNN_HELPERS if name != "helpers.rnn.rnn_cell"])
-    x, h0 = _randn(B, L, D, seed=10), _randn(B, H, seed=11, scale=0.8)
+    x, h0 = randn(B, L, D, seed=10), randn(B, H, seed=11, scale=0.8)
     W_x, W_h, b = _weights(seed=12)
     rnn = _torch_rnn(W_x, W_h, b)
     hint = (f"x is (B, L, D) = {(B, L, D)} and h0 is (B, H) = {(B, H)}: step t reads x[:, t], "
@@ -132,7 +125,7 @@ def _autograd_norms(x: torch.Tensor, W_x: torch.Tensor, W_h: torch.Tensor,
 def gradient_norms(fn: Callable) -> None:
     """Check ``gradient_norms(states, W_x, W_h)`` -> (B, L) against autograd's Jacobian."""
     fn = guarded(fn, "gradient_norms", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
-    x = _randn(B, L, D, seed=20)
+    x = randn(B, L, D, seed=20)
     W_x, W_h, b = _weights(seed=21)
     states = _torch_rnn(W_x, W_h, b)(x)[0].detach()  # (B, L, H)
     expected = _autograd_norms(x, W_x, W_h, b)  # (B, L)
@@ -162,7 +155,7 @@ def gradient_norms(fn: Callable) -> None:
 def context_vector(fn: Callable) -> None:
     """Check ``context_vector(states, lengths)`` -> (B, H): each sequence's last real state."""
     fn = guarded(fn, "context_vector", torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS)
-    states = _randn(B, L, H, seed=30)
+    states = randn(B, L, H, seed=30)
     lengths = torch.tensor([L, 2, 1], device=states.device)
     expected = torch.stack([states[i, int(n) - 1] for i, n in enumerate(lengths)])  # (B, H)
     hint = (f"states is (B, L, H) = {(B, L, H)} and lengths = {lengths.tolist()}: a length of "

@@ -13,19 +13,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
-                            expect_tensor, exercise, guarded, is_close, passed)
-from helpers.device import get_device
+from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, guarded, is_close, passed, randn)
 from helpers.hidden.lesson02 import (ATTENTION_FUNCTIONS, ATTENTION_HELPERS, ENTROPY_FUNCTIONS,
                                      SOFTMAX_FUNCTIONS)
 
 B, H, L, S, D, DV = 2, 3, 4, 5, 8, 6
-
-
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A reproducible normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -41,7 +34,7 @@ def _expect_finite(value: torch.Tensor, message: str) -> None:
 def dot_scores(fn: Callable) -> None:
     """Check ``dot_scores(q, k)`` -> (B, H, L, S) raw scores q_i · k_j."""
     fn = guarded(fn, "dot_scores", torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS)
-    q, k = _randn(B, H, L, D, seed=0), _randn(B, H, S, D, seed=1)
+    q, k = randn(B, H, L, D, seed=0), randn(B, H, S, D, seed=1)
     hint = (f"q is (B, H, L, D) = {(B, H, L, D)} and k is (B, H, S, D) = {(B, H, S, D)}: "
             "transpose only the last two dims of k, k.transpose(-2, -1) (k.T reverses all four)")
     scores = expect_tensor(call(fn, q, k, name="dot_scores(q, k)", hint=hint), "dot_scores(q, k)")
@@ -54,7 +47,7 @@ def dot_scores(fn: Callable) -> None:
     expect_close(scores, expected, "dot_scores(q, k)", "scores[..., i, j] should be q_i · k_j")
     _expect_dtype(scores, q.dtype, "dot_scores(q, k)")
     try:
-        fn(q, _randn(B, H, S, D + 1, seed=2))
+        fn(q, randn(B, H, S, D + 1, seed=2))
     except ValueError as error:
         expect(str(D) in str(error) and str(D + 1) in str(error), "the ValueError should name "
                f"both shapes, (..., {D}) and (..., {D + 1}); it says: {error}")
@@ -73,7 +66,7 @@ def stable_softmax(fn: Callable) -> None:
     """Check ``stable_softmax(x, dim=-1)``: sums to 1, matches torch, survives large and -inf."""
     fn = guarded(fn, "stable_softmax", torch_functions=SOFTMAX_FUNCTIONS + ATTENTION_FUNCTIONS,
                  helpers=["helpers.attention.softmax", *ATTENTION_HELPERS])
-    x = _randn(B, H, L, S, seed=3)
+    x = randn(B, H, L, S, seed=3)
     weights = expect_tensor(call(fn, x, name="stable_softmax(x)",
                                  hint=f"x is {tuple(x.shape)}: take the max and the sum with "
                                       "keepdim=True, so that they broadcast against x"),
@@ -87,7 +80,7 @@ def stable_softmax(fn: Callable) -> None:
     expect_close(fn(x, dim=1), torch.softmax(x, dim=1), "stable_softmax(x, dim=1)",
                  "the dim argument is ignored: take the max and the sum along dim")
 
-    large = _randn(4, 7, seed=4, dtype=torch.float32) * 30 + 1000  # float32 exp overflows
+    large = randn(4, 7, seed=4, dtype=torch.float32) * 30 + 1000  # float32 exp overflows
     _expect_finite(fn(large), "NaN or inf for a row with large logits: subtract the row max "
                    "before exp")
     expect_close(fn(large), torch.softmax(large, dim=-1), "stable_softmax(large logits)",
@@ -95,7 +88,7 @@ def stable_softmax(fn: Callable) -> None:
     _expect_finite(fn(-large), "NaN or inf for a row of very negative logits (every exp "
                    "underflows to 0): subtract the row max before exp")
 
-    partly = x.masked_fill(_randn(B, H, L, S, seed=5) > 0.5, float("-inf"))
+    partly = x.masked_fill(randn(B, H, L, S, seed=5) > 0.5, float("-inf"))
     partly[..., 0] = 0.0  # every row keeps at least one key
     expect_close(fn(partly), torch.softmax(partly, dim=-1), "stable_softmax(x with -inf)",
                  "a -inf logit should get weight exactly 0")
@@ -114,7 +107,7 @@ def stable_softmax(fn: Callable) -> None:
 def attention(fn: Callable) -> None:
     """Check ``attention(q, k, v, mask=None, scale=None)`` against PyTorch's SDPA."""
     fn = guarded(fn, "attention", torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS)
-    q, k, v = _randn(B, H, L, D, seed=6), _randn(B, H, S, D, seed=7), _randn(B, H, S, DV, seed=8)
+    q, k, v = randn(B, H, L, D, seed=6), randn(B, H, S, D, seed=7), randn(B, H, S, DV, seed=8)
     hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H, S, D) = {(B, H, S, D)}, v is "
             f"(B, H, S, Dv) = {(B, H, S, DV)}: scores = q @ k.transpose(-2, -1) is (B, H, L, S), "
             "out = weights @ v is (B, H, L, Dv)")
@@ -144,7 +137,7 @@ def attention(fn: Callable) -> None:
     expect_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), "out with scale=0.3",
                  "a given scale replaces 1/√d_k")
 
-    mask = _randn(L, S, seed=9) > 0  # (L, S), broadcasts over batch and heads
+    mask = randn(L, S, seed=9) > 0  # (L, S), broadcasts over batch and heads
     mask[:, 0], mask[:, 1] = True, False  # every query sees some keys and misses some
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     out, weights = fn(q, k, v, mask=mask)
@@ -175,7 +168,7 @@ def attention(fn: Callable) -> None:
 def attention_entropy(fn: Callable) -> None:
     """Check ``attention_entropy(weights)`` -> (..., L) entropy in nats, 0 ln 0 = 0."""
     fn = guarded(fn, "attention_entropy", torch_functions=ENTROPY_FUNCTIONS)
-    weights = torch.softmax(_randn(B, H, L, S, seed=10) * 2, dim=-1)
+    weights = torch.softmax(randn(B, H, L, S, seed=10) * 2, dim=-1)
     entropy = expect_tensor(fn(weights), "attention_entropy(weights)")
     expect_shape(entropy, (B, H, L), "attention_entropy(weights)",
                  "one entropy per query: sum over the keys (the last dim)")

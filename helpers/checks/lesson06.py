@@ -19,9 +19,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from helpers import flash as reference
-from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
-                            expect_tensor, exercise, is_close, passed)
-from helpers.device import get_device
+from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, is_close, passed, randn)
 
 B, H, L, S, D, DV = 2, 3, 37, 29, 8, 5  # L != S; both ragged for the blocks below
 BLOCK_Q, BLOCK_K = 8, 16
@@ -140,16 +139,10 @@ class AutogradWatch(TorchFunctionMode):
 
 # --- inputs and oracles ---------------------------------------------------------------------
 
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A reproducible normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
 def _qkv(L_: int = L, S_: int = S, seed: int = 0, dtype: torch.dtype = torch.float64
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (_randn(B, H, L_, D, seed=seed, dtype=dtype), _randn(B, H, S_, D, seed=seed + 1, dtype=dtype),
-            _randn(B, H, S_, DV, seed=seed + 2, dtype=dtype))
+    return (randn(B, H, L_, D, seed=seed, dtype=dtype), randn(B, H, S_, D, seed=seed + 1, dtype=dtype),
+            randn(B, H, S_, DV, seed=seed + 2, dtype=dtype))
 
 
 def _bottom_right(L_: int, S_: int, device: torch.device) -> torch.Tensor:
@@ -235,8 +228,8 @@ def _state(scores: torch.Tensor, values: torch.Tensor
 @exercise
 def merge_softmax_states(fn: Callable) -> None:
     """Check ``merge_softmax_states(m_a, l_a, acc_a, m_b, l_b, acc_b) -> (m, l, acc)``."""
-    s_a, s_b = _randn(B, 5, 7, seed=10) * 3, _randn(B, 5, 4, seed=11) * 3 + 2  # (B, L, n)
-    v_a, v_b = _randn(B, 7, 3, seed=12), _randn(B, 4, 3, seed=13)  # (B, n, Dv)
+    s_a, s_b = randn(B, 5, 7, seed=10) * 3, randn(B, 5, 4, seed=11) * 3 + 2  # (B, L, n)
+    v_a, v_b = randn(B, 7, 3, seed=12), randn(B, 4, 3, seed=13)  # (B, n, Dv)
     a, b = _state(s_a, v_a), _state(s_b, v_b)
     copies = [t.clone() for t in (*a, *b)]
     hint = ("m and l are (..., L) = (2, 5), acc is (..., L, Dv) = (2, 5, 3): scale the "
@@ -370,7 +363,7 @@ def tiled_attention(fn: Callable) -> None:
     out, lse = _expect_pair(fn(q, k, v), "tiled_attention")
     _diagnose_forward(out, lse, q, k, v, 64, 64, None, None, "with the default blocks")
 
-    layout = _randn(B, L, H, D, seed=20).transpose(1, 2)  # (B, H, L, D), not contiguous
+    layout = randn(B, L, H, D, seed=20).transpose(1, 2)  # (B, H, L, D), not contiguous
     out, lse = fn(layout, k, v, block_q=BLOCK_Q, block_k=BLOCK_K)
     _diagnose_forward(out, lse, layout, k, v, BLOCK_Q, BLOCK_K, None, None,
                       "with a non-contiguous q (a transposed (B, L, H, D) tensor)")
@@ -474,7 +467,7 @@ def tiled_attention_backward(fn: Callable) -> None:
     """Check ``tiled_attention_backward(q, k, v, out, lse, dout, block_q, block_k, scale)``
     against autograd through SDPA."""
     q, k, v = _qkv(seed=40)
-    dout = _randn(B, H, L, DV, seed=43)
+    dout = randn(B, H, L, DV, seed=43)
     out, lse = oracle(q, k, v)
     dq_true, dk_true, dv_true = _autograd_oracle(q, k, v, dout)
     name = f"tiled_attention_backward(..., block_q={BLOCK_Q}, block_k={BLOCK_K})"
@@ -514,7 +507,7 @@ def tiled_attention_backward(fn: Callable) -> None:
             expect_close(value, true, f"{n} with block_q={block_q}, block_k={block_k}, "
                          f"scale={scale}", "a given scale replaces 1/√D; blocks may be larger "
                          "than the sequence")
-    strided = _randn(B, L, H, DV, seed=44).transpose(1, 2)  # non-contiguous dout
+    strided = randn(B, L, H, DV, seed=44).transpose(1, 2)  # non-contiguous dout
     got = fn(q, k, v, out, lse, strided, block_q=BLOCK_Q, block_k=BLOCK_K)
     for value, true, n in zip(got, _autograd_oracle(q, k, v, strided), ("dq", "dk", "dv")):
         expect_close(value, true, f"{n} with a non-contiguous dout")
@@ -565,7 +558,7 @@ def flash_function(cls: object) -> None:
 
     for L_, S_, causal in ((70, 90, None), (70, 90, True), (90, 70, True)):
         q, k, v = _qkv(L_, S_, seed=50)
-        dout = _randn(B, H, L_, DV, seed=53)
+        dout = randn(B, H, L_, DV, seed=53)
         name = f"FlashAttention.apply(q, k, v{'' if causal is None else f', causal={causal}'})"
         watch = TileWatch(L_, S_, B * H)
         with watch:

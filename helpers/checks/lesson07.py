@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed)
+                            expect_tensor, is_close, passed, randn, run_without)
 from helpers.device import get_device
-from helpers.hidden._core import ShortcutUsed, forbid, fresh_import, record_shapes
+from helpers.hidden._core import fresh_import, record_shapes
 
 ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
 ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
@@ -28,21 +28,6 @@ ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
 COPY_FUNCTIONS = ["repeat_interleave", "repeat", "expand", "expand_as", "tile", "broadcast_to"]
 ROPE_HELPERS = ["helpers.rope.rope", "helpers.rope.apply_rope", "helpers.rope.rope_cos_sin",
                 "helpers.rope.rotate_half", "helpers.rope.rope_frequencies"]
-
-
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A reproducible normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
-def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpers=()) -> object:
-    """Run ``run`` and turn a use of a forbidden function into a readable failure."""
-    try:
-        with forbid(torch_functions=torch_functions, helpers=helpers):
-            return run()
-    except ShortcutUsed as error:
-        raise CheckFailed(f"{what}: {error}") from None
 
 
 def _first_match(result: torch.Tensor, mistakes: dict[str, torch.Tensor]) -> None:
@@ -71,7 +56,7 @@ def kv_cache_bytes(fn: Callable) -> None:
     config = cache_config()
     hint = ("config has the attributes n_layers, n_heads, n_kv_heads, head_dim and window "
             "(None for full attention)")
-    got = _run_without("kv_cache_bytes", lambda: call(fn, config, 10, name="kv_cache_bytes("
+    got = run_without("kv_cache_bytes", lambda: call(fn, config, 10, name="kv_cache_bytes("
                        "config, 10)", hint=hint), helpers=["helpers.kv_cache.kv_cache_bytes"])
     expect(isinstance(got, int) and not isinstance(got, bool),
            f"kv_cache_bytes should return an int (a number of bytes), got "
@@ -115,10 +100,10 @@ def kv_cache_bytes(fn: Callable) -> None:
 @exercise
 def repeat_kv(fn: Callable) -> None:
     """Check ``repeat_kv(x, n_rep)``: blocked copies, (B, H_kv, S, D) -> (B, H_kv·n_rep, S, D)."""
-    x = _randn(2, 3, 5, 4, seed=0)
+    x = randn(2, 3, 5, 4, seed=0)
     hint = ("x is (B, H_kv, S, D): x[:, :, None] is (B, H_kv, 1, S, D); expand its axis 2, "
             "then reshape (not view: an expanded tensor cannot be viewed as fewer dims)")
-    out = _run_without("repeat_kv", lambda: call(fn, x, 2, name="repeat_kv(x, 2)", hint=hint),
+    out = run_without("repeat_kv", lambda: call(fn, x, 2, name="repeat_kv(x, 2)", hint=hint),
                        torch_functions=["repeat_interleave"],
                        helpers=["helpers.attention.repeat_kv"])
     out = expect_tensor(out, "repeat_kv(x, 2)")
@@ -130,7 +115,7 @@ def repeat_kv(fn: Callable) -> None:
     expect_close(out, x.repeat_interleave(2, dim=1), "repeat_kv(x, 2)",
                  "output head h should be input head h // n_rep")
     expect(fn(x, 1) is x or is_close(fn(x, 1), x), "repeat_kv(x, 1) should return x unchanged")
-    strided = _randn(2, 4, 3, 5, seed=1).transpose(1, 2)  # (B, H_kv=3, S=4, D=5), not contiguous
+    strided = randn(2, 4, 3, 5, seed=1).transpose(1, 2)  # (B, H_kv=3, S=4, D=5), not contiguous
     expect_close(call(fn, strided, 3, name="repeat_kv(non-contiguous x, 3)",
                       hint="use reshape, not view: an expanded tensor is not contiguous"),
                  strided.repeat_interleave(3, dim=1), "repeat_kv(non-contiguous x, 3)")
@@ -153,14 +138,14 @@ def _gqa_reference(q, k, v, mask=None, scale=None, interleaved=False):
 def grouped_query_attention(fn: Callable) -> None:
     """Check ``grouped_query_attention(q, k, v, mask=None)`` against SDPA's ``enable_gqa``."""
     B, H, L, S, D, Dv = 2, 6, 3, 7, 8, 5
-    q = _randn(B, H, L, D, seed=2)
+    q = randn(B, H, L, D, seed=2)
     for H_kv in (2, 1, H):
-        k, v = _randn(B, H_kv, S, D, seed=3), _randn(B, H_kv, S, Dv, seed=4)
+        k, v = randn(B, H_kv, S, D, seed=3), randn(B, H_kv, S, Dv, seed=4)
         name = f"grouped_query_attention with H={H}, H_kv={H_kv}"
         hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k is (B, H_kv, S, D) = {(B, H_kv, S, D)}: "
                 f"q.reshape(B, H_kv, G * L, D) with G = H // H_kv, then one product with "
                 "k.transpose(-2, -1)")
-        out = _run_without(name, lambda: call(fn, q, k, v, name=name, hint=hint),
+        out = run_without(name, lambda: call(fn, q, k, v, name=name, hint=hint),
                            torch_functions=COPY_FUNCTIONS + ATTENTION_FUNCTIONS,
                            helpers=["helpers.attention.repeat_kv", *ATTENTION_HELPERS])
         out = expect_tensor(out, name)
@@ -176,7 +161,7 @@ def grouped_query_attention(fn: Callable) -> None:
         expect_close(out, _gqa_reference(q, k, v), name,
                      "query head h should attend with K/V head h // (H // H_kv)")
 
-    k, v = _randn(B, 2, S, D, seed=5), _randn(B, 2, S, Dv, seed=6)
+    k, v = randn(B, 2, S, D, seed=5), randn(B, 2, S, Dv, seed=6)
     causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)  # (L, S)
     out = fn(q, k, v, mask=causal)
     expect(not is_close(out, _gqa_reference(q, k, v, mask=~causal)),
@@ -205,11 +190,11 @@ def mean_pool_kv(fn: Callable) -> None:
     """Check ``mean_pool_kv(weight, n_heads, n_kv_heads)`` on weights and biases."""
     H, H_kv, D, d = 6, 2, 3, 5
     G = H // H_kv
-    weight = _randn(H * D, d, seed=7)
+    weight = randn(H * D, d, seed=7)
     name = f"mean_pool_kv(weight ({H * D}, {d}), n_heads={H}, n_kv_heads={H_kv})"
     hint = f"weight is (H * D, d_model) = {(H * D, d)}: reshape to (H_kv, G, D, d_model) = " \
            f"{(H_kv, G, D, d)} and average over G"
-    out = _run_without("mean_pool_kv", lambda: call(fn, weight, H, H_kv, name=name, hint=hint),
+    out = run_without("mean_pool_kv", lambda: call(fn, weight, H, H_kv, name=name, hint=hint),
                        helpers=["helpers.attention.mean_pool_heads"])
     out = expect_tensor(out, name)
     expect_shape(out, (H_kv * D, d), name, "(n_kv_heads * head_dim, d_model)")
@@ -224,7 +209,7 @@ def mean_pool_kv(fn: Callable) -> None:
         "reshape to (H_kv, G, head_dim, ...)":
             weight.reshape(H_kv * D, G, d).mean(dim=1)})
     expect_close(out, expected, name, "group g = mean of heads g*G .. g*G + G - 1")
-    bias = _randn(H * D, seed=8)
+    bias = randn(H * D, seed=8)
     pooled_bias = expect_tensor(call(fn, bias, H, H_kv, name="mean_pool_kv(bias)",
                                      hint="a bias (H * D,) has no trailing dims: "
                                           "reshape(H_kv, G, D, *weight.shape[1:])"),
@@ -280,12 +265,12 @@ def _rope_variants(x: torch.Tensor, positions: torch.Tensor, base: float
 def apply_rope(fn: Callable) -> None:
     """Check ``apply_rope(x, positions, base=10000.0)`` against Hugging Face's convention."""
     rope = fresh_import("helpers.rope")
-    x = _randn(2, 3, 5, 8, seed=9, dtype=torch.float32)
+    x = randn(2, 3, 5, 8, seed=9, dtype=torch.float32)
     positions = torch.tensor([3, 4, 5, 6, 7], device=x.device)
     name = "apply_rope(x, positions)"
     hint = ("x is (B, H, L, D) and positions (L,): the angles positions[:, None] * theta[None, :]"
             " are (L, D/2); concatenate them twice to (L, D) so they broadcast against x")
-    out = _run_without("apply_rope", lambda: call(fn, x, positions, name=name, hint=hint),
+    out = run_without("apply_rope", lambda: call(fn, x, positions, name=name, hint=hint),
                        helpers=ROPE_HELPERS)
     out = expect_tensor(out, name)
     expect_shape(out, x.shape, name, "RoPE keeps the shape of x")
@@ -299,7 +284,7 @@ def apply_rope(fn: Callable) -> None:
     expect_close(fn(x, positions, base=500000.0), rope.rope(x, positions, 500000.0),
                  "apply_rope(x, positions, base=500000.0)",
                  "the base argument is ignored: θ_i = base^(-2i/D)", atol=1e-4)
-    wide = _randn(1, 2, 4, 16, seed=10, dtype=torch.float32)
+    wide = randn(1, 2, 4, 16, seed=10, dtype=torch.float32)
     far = torch.tensor([0, 100, 101, 2000], device=wide.device)
     expect_close(fn(wide, far), rope.rope(wide, far), "apply_rope with D=16, positions up to 2000",
                  "compute the angles in float32 from the integer positions", atol=1e-3)
@@ -341,7 +326,7 @@ def local_global_mask(fn: Callable) -> None:
         name = f"local_global_mask(L={L}, window={window}, n_global={n_global})"
         hint = ("compare i = arange(L)[:, None] with j = arange(L)[None, :]: an (L, 1) and a "
                 "(1, L) tensor broadcast to (L, L)")
-        mask = _run_without("local_global_mask", lambda: call(
+        mask = run_without("local_global_mask", lambda: call(
             fn, L, window, n_global, device=device, name=name, hint=hint),
             helpers=["helpers.attention.sliding_window_mask"])
         mask = expect_tensor(mask, name)
@@ -398,12 +383,12 @@ def banded_attention(fn: Callable) -> None:
     """Check ``banded_attention(q, k, v, window)``: equal to masked attention, no (L, L) tensor."""
     B, H, D, window = 1, 2, 8, 4
     for L in (16 * window + 3, 16 * window, 3):
-        q, k, v = (_randn(B, H, L, D, seed=11 + s) for s in range(3))
+        q, k, v = (randn(B, H, L, D, seed=11 + s) for s in range(3))
         name = f"banded_attention(q, k, v, window={window}) with L={L}"
         hint = ("pad k and v in front with window - 1 rows and q at the end to a multiple of the "
                 "window (F.pad(x, (0, 0, front, back)) pads dim -2), then "
                 "unfold(2, 2 * window - 1, window)")
-        out, quadratic = _run_without(name, lambda: quadratic_tensor(
+        out, quadratic = run_without(name, lambda: quadratic_tensor(
             lambda: call(fn, q, k, v, window, name=name, hint=hint), L),
             torch_functions=ATTENTION_FUNCTIONS,
             helpers=["helpers.attention.sliding_window_mask", *ATTENTION_HELPERS])

@@ -15,19 +15,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
-                            expect_tensor, exercise, is_close, passed)
-from helpers.device import get_device
+from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, is_close, passed, randn)
 from helpers.hidden._core import record_calls, record_shapes
 from helpers.ring import ring_work as reference_ring_work
 
 B, H = 2, 3
-
-
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A reproducible normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 def _expect_dtype(value: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -68,7 +61,7 @@ def ring_attention_simulated(fn: Callable) -> None:
     """Check ``ring_attention_simulated(q, k, v, world_size, causal=False)`` against SDPA."""
     P, n, D, DV = 3, 4, 8, 6
     L = P * n
-    q, k, v = _randn(B, H, L, D, seed=0), _randn(B, H, L, D, seed=1), _randn(B, H, L, DV, seed=2)
+    q, k, v = randn(B, H, L, D, seed=0), randn(B, H, L, D, seed=1), randn(B, H, L, DV, seed=2)
     hint = (f"q, k are (B, H, L, D) = {(B, H, L, D)} and v is (B, H, L, Dv) = {(B, H, L, DV)}; "
             f"with P = {P} each device holds blocks of L / P = {n} tokens (t.split(n, dim=-2))")
     with record_calls(["helpers.flash.block_attention"]) as calls:
@@ -264,7 +257,7 @@ def linear_attention_parallel(fn: Callable) -> None:
     """Check ``linear_attention_parallel(q, k, v, causal=False)`` against SDPA with scores
     log(φ(q)·φ(k))."""
     L, S, D, DV = 6, 9, 4, 5
-    q, k, v = _randn(B, H, L, D, seed=10), _randn(B, H, S, D, seed=11), _randn(B, H, S, DV, seed=12)
+    q, k, v = randn(B, H, L, D, seed=10), randn(B, H, S, D, seed=11), randn(B, H, S, DV, seed=12)
     hint = (f"q is (B, H, L, D) = {(B, H, L, D)}, k (B, H, S, D) = {(B, H, S, D)}, v (B, H, S, "
             f"Dv) = {(B, H, S, DV)}: φ(K)ᵀV is (B, H, D, Dv), φ(Q)(φ(K)ᵀV) is (B, H, L, Dv)")
     with record_shapes() as shapes:
@@ -305,7 +298,7 @@ def linear_attention_parallel(fn: Callable) -> None:
            "the masked matrix)")
     expect_close(out, _linear_oracle(q, k, v, True), "linear_attention_parallel(..., causal=True)",
                  "(φ(Q)φ(K)ᵀ ⊙ causal_mask(L, S)) V, divided by its row sums")
-    square = q[..., :1, :].expand(B, H, S, D) + _randn(B, H, S, D, seed=13)
+    square = q[..., :1, :].expand(B, H, S, D) + randn(B, H, S, D, seed=13)
     expect_close(fn(square, k, v, causal=True), _linear_oracle(square, k, v, True),
                  "linear_attention_parallel(L = S, causal=True)", "L = S must work too")
     passed("linear_attention_parallel")
@@ -321,7 +314,7 @@ def linear_attention_recurrent(fn: Callable) -> None:
     """Check ``linear_attention_recurrent(q, k, v, state=None) -> (out, (S, z))``: causal
     outputs, the final state, and a sequence fed in two pieces."""
     L, D, DV = 7, 4, 5
-    q, k, v = _randn(B, H, L, D, seed=20), _randn(B, H, L, D, seed=21), _randn(B, H, L, DV, seed=22)
+    q, k, v = randn(B, H, L, D, seed=20), randn(B, H, L, D, seed=21), randn(B, H, L, DV, seed=22)
     hint = (f"q, k are (B, H, L, D) = {(B, H, L, D)}, v (B, H, L, Dv) = {(B, H, L, DV)}; the "
             f"state S is (B, H, D, Dv) = {(B, H, D, DV)} and z (B, H, D); φ(k_t) v_tᵀ is "
             "phi_k[..., t, :, None] * v[..., t, None, :]")
@@ -365,7 +358,7 @@ def linear_attention_chunked(fn: Callable) -> None:
     """Check ``linear_attention_chunked(q, k, v, chunk_size)`` against the causal parallel
     form, ragged last chunk included."""
     L, D, DV, C = 10, 4, 5, 4
-    q, k, v = _randn(B, H, L, D, seed=30), _randn(B, H, L, D, seed=31), _randn(B, H, L, DV, seed=32)
+    q, k, v = randn(B, H, L, D, seed=30), randn(B, H, L, D, seed=31), randn(B, H, L, DV, seed=32)
     hint = (f"q, k are (B, H, L, D) = {(B, H, L, D)}, v (B, H, L, Dv) = {(B, H, L, DV)}; chunk "
             f"c is q[..., c*C:(c+1)*C, :] (the last one may be shorter)")
     with record_shapes() as shapes:

@@ -16,18 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
-                            expect_tensor, is_close, passed)
+                            expect_tensor, is_close, passed, randn, run_without)
 from helpers.device import get_device, one_cpu_thread
-from helpers.hidden._core import ShortcutUsed, forbid, fresh_import
-
-
-def _run_without(what: str, run: Callable[[], object], torch_functions=(), helpers=()) -> object:
-    """Run ``run`` and turn a use of a forbidden reference into a readable failure."""
-    try:
-        with forbid(torch_functions=torch_functions, helpers=helpers):
-            return run()
-    except ShortcutUsed as error:
-        raise CheckFailed(f"{what}: {error}") from None
+from helpers.hidden._core import ShortcutUsed, fresh_import
 
 
 def on_one_thread(check: Callable) -> Callable:
@@ -38,11 +29,6 @@ def on_one_thread(check: Callable) -> Callable:
         with one_cpu_thread():
             return check(*args, **kwargs)
     return run
-
-
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 # --- exercise 1: a decode step ---------------------------------------------------------------
@@ -57,7 +43,7 @@ def decode_step_case(attention_module: type, B: int, S: int, d_model: int, n_hea
     over the whole sequence (and from the usual mistakes)."""
     torch.manual_seed(seed)
     attn = attention_module(d_model, n_heads).to(get_device(), dtype)
-    x = _randn(B, S + 1, d_model, seed=seed + 1, dtype=dtype)
+    x = randn(B, S + 1, d_model, seed=seed + 1, dtype=dtype)
     with torch.no_grad():
         q = attn.q_proj(x).reshape(B, S + 1, n_heads, -1).transpose(1, 2)  # (B, H, S+1, D)
         k = attn.k_proj(x).reshape(B, S + 1, n_heads, -1).transpose(1, 2)
@@ -93,7 +79,7 @@ def decode_attention(fn: Callable) -> None:
     hint = (f"x is (B, 1, d) = {(B, 1, d_model)}, past_k and past_v are (B, H, S, D) = "
             f"{(B, H, S, d_model // H)}: project x, split its heads, torch.cat along dim 2")
     with torch.no_grad():
-        result = _run_without("decode_attention", lambda: call(
+        result = run_without("decode_attention", lambda: call(
             fn, attn, x, past_k, past_v, name="decode_attention(attn, x, past_k, past_v)",
             hint=hint), helpers=["helpers.transformer.attention"])
     expect(isinstance(result, tuple) and len(result) == 3,
@@ -288,7 +274,7 @@ def quantization_oracle(x: torch.Tensor, dim: int, bits: int
 
 def quantization_case(seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(3, 5, 8) numbers with outliers, a constant slice along every dim, and exact ties."""
-    x = _randn(3, 5, 8, seed=seed, dtype=dtype) * 2
+    x = randn(3, 5, 8, seed=seed, dtype=dtype) * 2
     x[0, 1, 3] = 9.0  # an outlier
     x[1, 2, :] = -0.75  # constant along dim -1
     x[:, 0, 0] = 0.5  # constant along dim 0
@@ -303,7 +289,7 @@ def quantize(quantize_fn: Callable, dequantize_fn: Callable) -> None:
     for dim, bits in ((-1, 8), (1, 4), (0, 8), (-2, 4)):
         x = quantization_case(seed=dim + 3 * bits)
         what = f"quantize(x, dim={dim}, bits={bits}) on x of shape {tuple(x.shape)}"
-        result = _run_without("quantize", lambda: call(
+        result = run_without("quantize", lambda: call(
             quantize_fn, x, dim, bits, name=what, hint="take amin and amax along dim with "
             "keepdim=True, so that they broadcast against x"),
             helpers=["helpers.kv_cache.quantize"])

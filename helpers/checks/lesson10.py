@@ -16,15 +16,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from helpers import ssm as reference
-from helpers.checks import (CheckFailed, call, expect, expect_close, expect_shape,
-                            expect_tensor, exercise, is_close, passed)
+from helpers.checks import (CheckFailed, call, exercise, expect, expect_close, expect_shape,
+                            expect_tensor, is_close, passed, randn)
 from helpers.device import get_device
-
-
-def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A reproducible normal tensor on the course device."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 def _rand(*shape: int, seed: int, low: float, high: float,
@@ -66,8 +60,8 @@ def torch_calls(fn: Callable, *args: object) -> tuple[object, int]:
 def discretize(fn: Callable) -> None:
     """Check ``discretize(A, B, delta)`` -> (A_bar, B_bar) against the matrix exponential."""
     D, N = 3, 4
-    A = -torch.exp(_randn(D, N, seed=0))  # (D, N) < 0
-    B = _randn(D, N, seed=1)
+    A = -torch.exp(randn(D, N, seed=0))  # (D, N) < 0
+    B = randn(D, N, seed=1)
     delta = torch.tensor([[0.05], [0.3], [1.2]], dtype=torch.float64, device=A.device)  # (D, 1)
     hint = (f"A and B are (D, N) = {(D, N)} and delta is (D, 1) = {(D, 1)}: every product is "
             "elementwise (*), the broadcasting does the rest")
@@ -121,8 +115,8 @@ def discretize(fn: Callable) -> None:
 
 def _lti(seed: int, D: int = 3, N: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A_bar in (0.3, 0.95), B_bar and C normal: a stable LTI SSM, (D, N) each."""
-    return (_rand(D, N, seed=seed, low=0.3, high=0.95), _randn(D, N, seed=seed + 1),
-            _randn(D, N, seed=seed + 2))
+    return (_rand(D, N, seed=seed, low=0.3, high=0.95), randn(D, N, seed=seed + 1),
+            randn(D, N, seed=seed + 2))
 
 
 def _kernel(A_bar: torch.Tensor, B_bar: torch.Tensor, C: torch.Tensor, L: int,
@@ -166,7 +160,7 @@ def _check_lti_output(fn: Callable, name: str, u: torch.Tensor, A_bar: torch.Ten
 def ssm_recurrent(fn: Callable) -> None:
     """Check ``ssm_recurrent(u, A_bar, B_bar, C)`` against PyTorch's convolution."""
     A_bar, B_bar, C = _lti(seed=10)
-    u = _randn(2, 7, 3, seed=13).transpose(1, 2)  # (batch, D, L), not contiguous
+    u = randn(2, 7, 3, seed=13).transpose(1, 2)  # (batch, D, L), not contiguous
     _check_lti_output(fn, "ssm_recurrent(u, A_bar, B_bar, C)", u, A_bar, B_bar, C)
     single = fn(u[:1, :, :1], A_bar, B_bar, C)
     expect_close(single, (C * B_bar).sum(-1)[None, :, None] * u[:1, :, :1],
@@ -180,7 +174,7 @@ def ssm_convolution(fn: Callable) -> None:
     no loop over time."""
     A_bar, B_bar, C = _lti(seed=20)
     name = "ssm_convolution(u, A_bar, B_bar, C)"
-    u = _randn(2, 3, 9, seed=23)
+    u = randn(2, 3, 9, seed=23)
     y = expect_tensor(call(fn, u, A_bar, B_bar, C, name=name, hint=_lti_hint(u, A_bar)), name)
     expect_shape(y, u.shape, name, "(batch, D, L), like the recurrence")
     L = u.shape[-1]
@@ -202,7 +196,7 @@ def ssm_convolution(fn: Callable) -> None:
     expect_close(y, _causal_conv(u, K), name, "y_t = Σ_k K_k u_(t-k) with K_k = C Ā^k B̄")
     _expect_dtype(y, u.dtype, name)
     _, short = torch_calls(fn, u[..., :8], A_bar, B_bar, C)
-    _, long = torch_calls(fn, _randn(2, 3, 64, seed=24), A_bar, B_bar, C)
+    _, long = torch_calls(fn, randn(2, 3, 64, seed=24), A_bar, B_bar, C)
     expect(long - short <= 12, f"your function calls {short} torch operations at L = 8 and "
            f"{long} at L = 64: a Python loop over time? Build K with one power "
            "(A_bar[..., None] ** torch.arange(L)) and convolve in one FFT or conv1d")
@@ -214,12 +208,12 @@ def ssm_convolution(fn: Callable) -> None:
 def _selective(seed: int, batch: int = 2, D: int = 3, N: int = 4, L: int = 6,
                dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     """u, delta (batch, D, L), A (D, N), B, C (batch, N, L), D (D,) in Mamba's ranges."""
-    return [_randn(batch, D, L, seed=seed, dtype=dtype),
-            F.softplus(_randn(batch, D, L, seed=seed + 1, dtype=dtype)),
-            -torch.exp(_randn(D, N, seed=seed + 2, dtype=dtype)),
-            _randn(batch, N, L, seed=seed + 3, dtype=dtype),
-            _randn(batch, N, L, seed=seed + 4, dtype=dtype),
-            _randn(D, seed=seed + 5, dtype=dtype)]
+    return [randn(batch, D, L, seed=seed, dtype=dtype),
+            F.softplus(randn(batch, D, L, seed=seed + 1, dtype=dtype)),
+            -torch.exp(randn(D, N, seed=seed + 2, dtype=dtype)),
+            randn(batch, N, L, seed=seed + 3, dtype=dtype),
+            randn(batch, N, L, seed=seed + 4, dtype=dtype),
+            randn(D, seed=seed + 5, dtype=dtype)]
 
 
 def _scan_variant(u, delta, A, B, C, D, *, B_bar: str = "delta", decay: str = "delta",
@@ -298,7 +292,7 @@ def parallel_scan(fn: Callable) -> None:
     """Check ``parallel_scan(a, b)``: equal to the loop, causal, log-depth, with gradients."""
     shape = (3, 2, 13)
     a = _rand(*shape, seed=40, low=0.4, high=1.2).transpose(0, 1)  # (2, 3, 13), not contiguous
-    b = _randn(*shape, seed=41).transpose(0, 1)
+    b = randn(*shape, seed=41).transpose(0, 1)
     name = "parallel_scan(a, b)"
     hint = (f"a and b are (..., L) = {tuple(a.shape)}, time last: shift along the last dim with "
             "F.pad(x, (k, 0))[..., :L]")
@@ -322,7 +316,7 @@ def parallel_scan(fn: Callable) -> None:
                  "one step from h_0 = 0: h_1 = b_1")
 
     a_grad, b_grad = a.detach().requires_grad_(), b.detach().requires_grad_()
-    weights = _randn(*a.shape, seed=42)
+    weights = randn(*a.shape, seed=42)
     ours = call(fn, a_grad, b_grad, name="parallel_scan with gradients",
                 hint="autograd needs out-of-place operations: b = b + ..., not b += ... or "
                      "b[..., k:] = ...")
@@ -359,11 +353,11 @@ def _ssd_inputs(seed: int, batch: int = 2, H: int = 3, L: int = 10, P: int = 4, 
                 A_scale: float = 1.0) -> list[torch.Tensor]:
     """x (batch, H, L, P), dt (batch, H, L), A (H,), B and C (batch, 1 or H, L, N)."""
     heads = 1 if shared else H
-    return [_randn(batch, H, L, P, seed=seed, dtype=dtype),
-            F.softplus(_randn(batch, H, L, seed=seed + 1, dtype=dtype)),
-            -A_scale * torch.exp(_randn(H, seed=seed + 2, dtype=dtype)),
-            _randn(batch, heads, L, N, seed=seed + 3, dtype=dtype),
-            _randn(batch, heads, L, N, seed=seed + 4, dtype=dtype)]
+    return [randn(batch, H, L, P, seed=seed, dtype=dtype),
+            F.softplus(randn(batch, H, L, seed=seed + 1, dtype=dtype)),
+            -A_scale * torch.exp(randn(H, seed=seed + 2, dtype=dtype)),
+            randn(batch, heads, L, N, seed=seed + 3, dtype=dtype),
+            randn(batch, heads, L, N, seed=seed + 4, dtype=dtype)]
 
 
 def _ssd_scan(x, dt, A, B, C) -> torch.Tensor:

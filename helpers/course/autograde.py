@@ -11,6 +11,8 @@
    ``jobs`` child processes, or by the workers of a Dask cluster (``scheduler``).
 5. As results arrive, this process alone writes DIR and the gradebook; ``grades.csv`` and
    ``students.csv`` are then written from the gradebook, so partial runs merge.
+6. ``DIR/course/nbgrader_config.py`` tells nbgrader's formgrader where the course and its
+   gradebook are (:mod:`helpers.course.formgrader`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import nbformat
 from tqdm import tqdm
 
+from helpers.course.formgrader import DB_VARIABLE, without_password, write_course_config
 from helpers.course.gradebook import CSV_COLUMNS, Gradebook, Row, database_url, shown, sqlite_url
 from helpers.course.grading import GradingResult, GradingTask, course_digest, cores_here, grade_task
 from helpers.course.lessons import CourseError, Lesson, find_lessons, nbgrader_api, nbgrader_failure
@@ -233,8 +236,9 @@ class Plan:
 def _plan(found: Collection, folders: dict[str, str], prepared: dict[str, Prepared], gradebook: Gradebook,
           out: Path, entries: list[Entry], cell_timeout: int, notebook_timeout: int, force: bool,
           threads: int | None) -> Plan:
-    """Record what needs no run (invalid notebooks), skip what is unchanged since it was
-    graded, and make one task per distinct notebook for the rest."""
+    """Record what needs no run (invalid notebooks), keep each notebook as nbgrader grades it
+    in ``course/submitted/``, skip what is unchanged since it was graded, and make one task
+    per distinct notebook for the rest."""
     plan = Plan()
     for submission in found.submissions:
         folder, lesson = folders[submission.student_id], prepared[submission.lesson]
@@ -249,6 +253,9 @@ def _plan(found: Collection, folders: dict[str, str], prepared: dict[str, Prepar
                                  submission.student_id, lesson.name))
             continue
         text = nbformat.writes(prepare(submission, lesson.released, lesson.print))
+        handed_in = out / "course" / "submitted" / folder / lesson.name / f"{lesson.name}.ipynb"
+        handed_in.parent.mkdir(parents=True, exist_ok=True)  # formgrader counts a lesson's submissions here
+        handed_in.write_text(text, encoding="utf-8")
         fingerprint = hashlib.sha256(f"{text}\0{lesson.version}\0{cell_timeout}".encode()).hexdigest()
         before = gradebook.stored(folder, lesson.name)
         if not force and before is not None and before.fingerprint == fingerprint \
@@ -301,6 +308,10 @@ def autograde(submissions: Path, out: Path, lessons: list[Lesson], db_url: str |
     course = out / "course"
     with Gradebook(url) as gradebook:
         prepared = prepare_lessons(course, gradebook, lessons, set(asked or []))
+        config = write_course_config(course, url, cell_timeout)
+        if without_password(url)[1]:
+            progress(f"the gradebook's password is not written to {config}: when you open it, set {DB_VARIABLE} "
+                     "to the full URL")
         folders = gradebook.folders(sorted(found.students), {s: found.students[s].sources for s in found.students})
 
         plan = _plan(found, folders, prepared, gradebook, out, entries, cell_timeout, notebook_timeout, force,

@@ -1,6 +1,7 @@
 """``attention-course``: the one command line for students and instructors.
 
     attention-course lab                               open JupyterLab on your copy of notebooks/
+    attention-course lab --instructor --dir DIR        grade by hand in Formgrader what autograde put in DIR
     attention-course release [LESSON ...]              regenerate notebooks/ from solutions/
     attention-course check                             notebooks/ is in sync and leaks nothing
     attention-course autograde SUBMISSIONS --out DIR   grade a folder of submissions
@@ -13,15 +14,26 @@ import os
 import sys
 from pathlib import Path
 
-from helpers.course.lessons import find_lessons, find_root
+from helpers.course.lessons import CourseError, find_lessons, find_root
 
 
 def _lab(args: argparse.Namespace) -> int:
     from helpers.course.lab import copy_notebook, run_lab
 
     root = find_root()
-    if args.instructor:
-        work = Path(args.dir).resolve() if args.dir else root
+    course = None
+    if args.db and not (args.instructor and args.dir):
+        raise CourseError("--db is the gradebook of an autograded class: attention-course lab --instructor "
+                          "--dir DIR --db URL")
+    if args.instructor and args.dir:
+        from helpers.course.formgrader import find_course, open_gradebook, use_gradebook
+
+        work = Path(args.dir).resolve()
+        course = find_course(work)
+        use_gradebook(args.db)
+        gradebook, lessons, students = open_gradebook(course)
+    elif args.instructor:
+        work = root
     else:
         work = Path(args.dir).resolve() if args.dir else root / "my-work"
         for lesson in find_lessons(root):
@@ -42,12 +54,16 @@ def _lab(args: argparse.Namespace) -> int:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         print("running as root (a container or a cloud shell?): starting Jupyter with --allow-root")
         jupyter_args.append("--ServerApp.allow_root=True")
-    if args.instructor:
-        print(f"opening JupyterLab on {work} with nbgrader's instructor tools (Formgrader, Create Assignment)")
+    if course is not None:
+        print(f"opening JupyterLab on {work} with nbgrader's Formgrader (Nbgrader menu) on the graded class "
+              f"(lessons: {lessons}, students: {students}, gradebook {gradebook}); Ctrl-C stops it")
+    elif args.instructor:
+        print(f"opening JupyterLab on {work} with nbgrader's Create Assignment; Formgrader opens a graded class: "
+              "attention-course autograde SUBMISSIONS --out DIR, then attention-course lab --instructor --dir DIR")
     else:
         print(f"opening JupyterLab on {work} (your copy; notebooks/ stays as released); Ctrl-C stops it")
-    os.chdir(work)
-    return run_lab(jupyter_args + args.jupyter_args, instructor=args.instructor)
+    os.chdir(course or work)  # formgrader reads the nbgrader_config.py of the working directory
+    return run_lab(jupyter_args + args.jupyter_args, instructor=args.instructor, formgrader=course is not None)
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -116,15 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "student's tools only. Ctrl-C stops it. As root (Docker, cloud shells) it starts "
                     "Jupyter with --allow-root. Options it does not know go to Jupyter, e.g. "
                     "--IdentityProvider.token=SECRET.")
-    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder; "
-                                   "with --instructor: the course folder)")
+    lab.add_argument("--dir", help="where your copy lives (default: my-work/ in the course folder); with "
+                                   "--instructor, the --out folder of autograde, opened with Formgrader on "
+                                   "its graded class (default: the course folder, without Formgrader)")
+    lab.add_argument("--db", help="with --instructor --dir: the gradebook, if not the one autograde graded into "
+                                  "(default: $ATTENTION_COURSE_DB, else autograde's; a password is never stored)")
     lab.add_argument("--port", type=int, help="port to serve on (default: Jupyter's 8888, or the next free one)")
     lab.add_argument("--ip", help="address to listen on (default: localhost only; "
                                   "0.0.0.0 inside Docker, with docker run -p 8888:8888)")
     lab.add_argument("--no-browser", action="store_true",
                      help="do not open a browser; open the printed URL yourself")
     lab.add_argument("--instructor", action="store_true",
-                     help="show nbgrader's instructor tools (Formgrader, Create Assignment, course list)")
+                     help="show nbgrader's instructor tools (Formgrader, Create Assignment, course list): "
+                          "attention-course lab --instructor --dir DIR grades by hand what autograde put in DIR")
     lab.set_defaults(run=_lab)
 
     release = commands.add_parser("release", help="rebuild solution and student notebooks from the lesson scripts")
@@ -142,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--out", required=True, help="where grades.csv, feedback/ and the gradebook go")
     grade.add_argument("--lesson", dest="lessons", action="append",
                        help="grade only this lesson (repeatable); it is reported for every student")
-    grade.add_argument("--db", help="gradebook: a SQLAlchemy URL such as postgresql://user@host/grades, or a "
-                                    "SQLite file (default: DIR/gradebook.db); relative paths are from here")
+    grade.add_argument("--db", default=os.environ.get("ATTENTION_COURSE_DB") or None,
+                       help="gradebook: a SQLAlchemy URL such as postgresql://user@host/grades, or a SQLite file "
+                            "(default: $ATTENTION_COURSE_DB, else DIR/gradebook.db); relative paths are from here")
     grade.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                        help="notebooks graded at once on this machine (default: one per core)")
     grade.add_argument("--scheduler", metavar="ADDRESS",

@@ -289,7 +289,7 @@ class Gradebook:
             except MissingEntry:
                 pass
             return
-        gb.update_or_create_student(folder)
+        gb.update_or_create_student(folder, last_name=row.student_id, first_name="")  # formgrader's "name" column
         with warnings.catch_warnings():  # nbgrader's submission code trips SQLAlchemy 2's autoflush warnings
             warnings.simplefilter("ignore")
             gb.update_or_create_submission(lesson, folder)

@@ -5,8 +5,10 @@ nbgrader puts its instructor tools into every JupyterLab it is installed with: t
 Formgrader, Create Assignment, the course and assignment lists (which need an nbgrader
 exchange this course does not use) and a menu that opens them. Its documentation (user
 guide, "Installation", section "Disabling extensions") turns them off per lab extension and
-server extension; the student lab does that, and keeps Validate. Both labs turn off
-JupyterLab's "news" pop-up.
+server extension; the student lab does that, and keeps Validate. The instructor's lab has
+Formgrader only where it opens an autograded course (:mod:`helpers.course.formgrader`):
+elsewhere nbgrader's formgrader would make a gradebook of its own in the folder served.
+Both labs turn off JupyterLab's "news" pop-up.
 
 These settings go into a configuration folder of this lab's own, put first on
 ``JUPYTER_CONFIG_PATH`` for this server only: the user's and the environment's Jupyter
@@ -26,10 +28,12 @@ from jupyter_server.serverapp import ServerApp
 from jupyterlab.labapp import LabApp
 
 NEWS_PLUGIN = "@jupyterlab/apputils-extension:announcements"
-INSTRUCTOR_PLUGINS = ("@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:create-assignment",
+FORMGRADER_PLUGIN = "@jupyter/nbgrader:formgrader"
+FORMGRADER_EXTENSION = "nbgrader.server_extensions.formgrader"
+INSTRUCTOR_PLUGINS = (FORMGRADER_PLUGIN, "@jupyter/nbgrader:create-assignment",
                       "@jupyter/nbgrader:course-list", "@jupyter/nbgrader:assignment-list",
                       "@jupyter/nbgrader:menu")  # the Nbgrader menu opens the first three
-INSTRUCTOR_SERVER_EXTENSIONS = ("nbgrader.server_extensions.formgrader",
+INSTRUCTOR_SERVER_EXTENSIONS = (FORMGRADER_EXTENSION,
                                 "nbgrader.server_extensions.course_list",
                                 "nbgrader.server_extensions.assignment_list")
 
@@ -46,13 +50,17 @@ def copy_notebook(source: Path, target: Path) -> None:
     nbformat.write(notebook, target)
 
 
-def write_config(folder: Path, instructor: bool) -> None:
-    """Write the lab's Jupyter configuration into ``folder`` (a Jupyter config directory)."""
-    disabled = [NEWS_PLUGIN] + ([] if instructor else list(INSTRUCTOR_PLUGINS))
+def write_config(folder: Path, instructor: bool, formgrader: bool | None = None) -> None:
+    """Write the lab's Jupyter configuration into ``folder`` (a Jupyter config directory).
+    ``formgrader``: the instructor's lab with Formgrader (default: whenever ``instructor``)."""
+    formgrader = instructor and formgrader is not False
+    disabled = [NEWS_PLUGIN] + ([] if instructor else list(INSTRUCTOR_PLUGINS)) \
+        + ([] if formgrader else [FORMGRADER_PLUGIN])
     (folder / "labconfig").mkdir(parents=True, exist_ok=True)
     (folder / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {plugin: True for plugin in disabled}}, indent=1))
     extensions = {name: instructor for name in INSTRUCTOR_SERVER_EXTENSIONS}
+    extensions[FORMGRADER_EXTENSION] = formgrader
     (folder / "jupyter_server_config.json").write_text(
         json.dumps({"ServerApp": {"jpserver_extensions": extensions}}, indent=1))
 
@@ -86,11 +94,12 @@ class CourseLabApp(LabApp):
         return LabApp.get_extension_point()
 
 
-def run_lab(jupyter_args: list[str], instructor: bool = False) -> int:
+def run_lab(jupyter_args: list[str], instructor: bool = False, formgrader: bool | None = None) -> int:
     """Run JupyterLab in this process with the student's (or instructor's) configuration,
-    until it is stopped; returns its exit status."""
+    until it is stopped; returns its exit status. Formgrader finds its course through the
+    ``nbgrader_config.py`` of the working directory."""
     with tempfile.TemporaryDirectory(prefix="attention-course-lab-") as folder:
-        write_config(Path(folder), instructor)
+        write_config(Path(folder), instructor, formgrader)
         others = os.environ.get("JUPYTER_CONFIG_PATH")
         os.environ["JUPYTER_CONFIG_PATH"] = os.pathsep.join([folder] + ([others] if others else []))
         try:

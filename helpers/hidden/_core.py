@@ -19,6 +19,8 @@ from types import ModuleType
 import torch
 from torch.overrides import TorchFunctionMode
 
+from helpers.device import get_device
+
 
 class HiddenTestFailed(AssertionError):
     """A hidden test found the answer wrong.
@@ -82,6 +84,37 @@ def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if bool(torch.isnan(diff).any()):
         return float("nan")
     return float(diff.max())
+
+
+def sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
+    """One random size per name, each drawn from its inclusive range."""
+    return {name: int(torch.randint(low, high + 1, (), generator=generator))
+            for name, (low, high) in ranges.items()}
+
+
+def randn(generator: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Normal values times ``scale`` from ``generator``, on the course device."""
+    return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(get_device())
+
+
+def expect(condition: bool, message: str) -> None:
+    """Fail the hidden test with ``message`` unless ``condition``."""
+    if not condition:
+        raise HiddenTestFailed(message)
+
+
+def expect_tensor(value: object, dtype: torch.dtype | None, what: str) -> torch.Tensor:
+    """``value`` if it is a tensor (of ``dtype``, unless None); else a failure naming ``what``."""
+    if not isinstance(value, torch.Tensor):
+        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
+    return value
+
+
+def as_double(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Float64 copies, detached: the inputs of a reference computed in plain arithmetic."""
+    return [tensor.detach().double() for tensor in tensors]
 
 
 def expect_close(actual: torch.Tensor, expected: torch.Tensor, what: str,

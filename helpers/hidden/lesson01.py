@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 
 from helpers import rnn as reference
-from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import (as_double, expect_close, expect_tensor, forbid, randn,
+                                  random_seed, sizes)
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -20,35 +20,12 @@ RNN_HELPERS = ["helpers.rnn.rnn_cell", "helpers.rnn.rnn_unroll", "helpers.rnn.gr
                "helpers.rnn.context_vector", "helpers.rnn.RecurrentTagger"]
 
 
-def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
-    """One random size per name, each drawn from its inclusive range."""
-    return {name: int(torch.randint(low, high + 1, (), generator=generator))
-            for name, (low, high) in ranges.items()}
-
-
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype,
-           scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(get_device())
-
-
 def _weights(generator: torch.Generator, n: dict[str, int], dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W_x (H, D), W_h (H, H), b (H,) with gains that keep tanh away from both extremes."""
-    return (_randn(generator, n["H"], n["D"], dtype=dtype, scale=n["D"] ** -0.5),
-            _randn(generator, n["H"], n["H"], dtype=dtype, scale=0.9 * n["H"] ** -0.5),
-            _randn(generator, n["H"], dtype=dtype, scale=0.3))
-
-
-def _expect_tensor(value: object, dtype: torch.dtype, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
-
-
-def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [tensor.double() for tensor in tensors]
+    return (randn(generator, n["H"], n["D"], dtype=dtype, scale=n["D"] ** -0.5),
+            randn(generator, n["H"], n["H"], dtype=dtype, scale=0.9 * n["H"] ** -0.5),
+            randn(generator, n["H"], dtype=dtype, scale=0.3))
 
 
 def rnn_cell(student: Callable) -> None:
@@ -56,15 +33,15 @@ def rnn_cell(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 5), D=(1, 9), H=(2, 9))
-        x_t = _randn(generator, n["B"], n["D"], dtype=dtype)
-        h_prev = _randn(generator, n["B"], n["H"], dtype=dtype, scale=0.8)
+        n = sizes(generator, B=(1, 5), D=(1, 9), H=(2, 9))
+        x_t = randn(generator, n["B"], n["D"], dtype=dtype)
+        h_prev = randn(generator, n["B"], n["H"], dtype=dtype, scale=0.8)
         W_x, W_h, b = _weights(generator, n, dtype)
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             h_t = student(x_t, h_prev, W_x, W_h, b)
         what = f"rnn_cell, {n}, {dtype}, seed {seed}"
-        _expect_tensor(h_t, dtype, what)
-        expected = reference.rnn_cell(*_double(x_t, h_prev, W_x, W_h, b))
+        expect_tensor(h_t, dtype, what)
+        expected = reference.rnn_cell(*as_double(x_t, h_prev, W_x, W_h, b))
         expect_close(h_t, expected, what, **TOLERANCES[dtype])
 
 
@@ -74,20 +51,20 @@ def rnn_unroll(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 4), L=(2, 12), D=(1, 7), H=(2, 8))
-        x = _randn(generator, n["B"], n["L"], n["D"], dtype=dtype)
-        h0 = _randn(generator, n["B"], n["H"], dtype=dtype, scale=0.8)
+        n = sizes(generator, B=(1, 4), L=(2, 12), D=(1, 7), H=(2, 8))
+        x = randn(generator, n["B"], n["L"], n["D"], dtype=dtype)
+        h0 = randn(generator, n["B"], n["H"], dtype=dtype, scale=0.8)
         W_x, W_h, b = _weights(generator, n, dtype)
         helpers_forbidden = [name for name in RNN_HELPERS if name != "helpers.rnn.rnn_cell"]
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=helpers_forbidden):
             states = student(x, W_x, W_h, b, h0)
             from_zeros = student(x, W_x, W_h, b)
         what = f"rnn_unroll, {n}, {dtype}, seed {seed}"
-        _expect_tensor(states, dtype, what)
-        expect_close(states, reference.rnn_unroll(*_double(x, W_x, W_h, b, h0)), what,
+        expect_tensor(states, dtype, what)
+        expect_close(states, reference.rnn_unroll(*as_double(x, W_x, W_h, b, h0)), what,
                      **TOLERANCES[dtype])
-        _expect_tensor(from_zeros, dtype, what + ", h0=None")
-        expect_close(from_zeros, reference.rnn_unroll(*_double(x, W_x, W_h, b)),
+        expect_tensor(from_zeros, dtype, what + ", h0=None")
+        expect_close(from_zeros, reference.rnn_unroll(*as_double(x, W_x, W_h, b)),
                      what + ", h0=None", **TOLERANCES[dtype])
 
 
@@ -96,8 +73,8 @@ def gradient_norms(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), L=(2, 10), D=(1, 5), H=(2, 6))
-        x = _randn(generator, n["B"], n["L"], n["D"], dtype=torch.float64)
+        n = sizes(generator, B=(1, 3), L=(2, 10), D=(1, 5), H=(2, 6))
+        x = randn(generator, n["B"], n["L"], n["D"], dtype=torch.float64)
         W_x, W_h, b = _weights(generator, n, torch.float64)
         states = reference.rnn_unroll(x, W_x, W_h, b)  # (B, L, H)
 
@@ -110,7 +87,7 @@ def gradient_norms(student: Callable) -> None:
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             norms = student(states.to(dtype), W_x.to(dtype), W_h.to(dtype))
         what = f"gradient_norms, {n}, {dtype}, seed {seed}"
-        _expect_tensor(norms, dtype, what)
+        expect_tensor(norms, dtype, what)
         expect_close(norms, expected, what, **TOLERANCES[dtype])
 
 
@@ -119,14 +96,14 @@ def context_vector(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(2, 6), L=(2, 10), H=(1, 8))
-        states = _randn(generator, n["B"], n["L"], n["H"], dtype=dtype)
+        n = sizes(generator, B=(2, 6), L=(2, 10), H=(1, 8))
+        states = randn(generator, n["B"], n["L"], n["H"], dtype=dtype)
         lengths = torch.randint(1, n["L"] + 1, (n["B"],), generator=generator)
         lengths[0], lengths[1] = 1, n["L"]  # both extremes, every time
         lengths = lengths.to(states.device)
         with forbid(torch_functions=RNN_FUNCTIONS, helpers=RNN_HELPERS):
             context = student(states, lengths)
         what = f"context_vector, {n}, lengths {lengths.tolist()}, {dtype}, seed {seed}"
-        _expect_tensor(context, dtype, what)
+        expect_tensor(context, dtype, what)
         expected = torch.stack([states[i, int(length) - 1] for i, length in enumerate(lengths)])
         expect_close(context, expected, what, atol=0.0, rtol=0.0)

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import torch
 
 from helpers import attention as reference
-from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, randn, random_seed, sizes
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -20,16 +19,6 @@ ENTROPY_FUNCTIONS = ["entr", "special_entr", "xlogy", "special_xlogy"]
 ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_forward"]
 ATTENTION_HELPERS = ["helpers.attention.scaled_dot_product_attention",
                      "helpers.attention.MultiHeadAttention"]
-
-
-def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
-    """One random size per name, each drawn from its inclusive range."""
-    return {name: int(torch.randint(low, high + 1, (), generator=generator))
-            for name, (low, high) in ranges.items()}
-
-
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 def _expect_dtype(value: object, dtype: torch.dtype, what: str) -> None:
@@ -46,16 +35,16 @@ def dot_scores(student: Callable) -> None:
     for dtype in DTYPES:
         # S >= 2: with L = S = 1, k qᵀ equals q kᵀ; D >= 2: with d_k = 1, scores divided by
         # √d_k equal the raw ones
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(2, 11), D=(2, 40))
-        q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
-        k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
+        n = sizes(generator, B=(1, 3), H=(1, 4), L=(1, 9), S=(2, 11), D=(2, 40))
+        q = randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
+        k = randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
         with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS):
             scores = student(q, k)
         what = f"dot_scores, {n}, {dtype}, seed {seed}"
         _expect_dtype(scores, dtype, what)
         expected = (q.double()[..., :, None, :] * k.double()[..., None, :, :]).sum(-1)
         expect_close(scores, expected, what, **TOLERANCES[dtype])
-    other = _randn(generator, 1, 1, 2, n["D"] + 1, dtype=dtype)  # a last dim that differs
+    other = randn(generator, 1, 1, 2, n["D"] + 1, dtype=dtype)  # a last dim that differs
     try:
         student(q, other)
     except ValueError as error:
@@ -77,9 +66,9 @@ def stable_softmax(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, rank=(2, 4), spread=(1, 300), offset=(-2000, 2000))
-        shape = _sizes(generator, **{f"d{i}": (2, 6) for i in range(n["rank"])}).values()
-        logits = _randn(generator, *shape, dtype=dtype) * n["spread"] + n["offset"]
+        n = sizes(generator, rank=(2, 4), spread=(1, 300), offset=(-2000, 2000))
+        shape = sizes(generator, **{f"d{i}": (2, 6) for i in range(n["rank"])}).values()
+        logits = randn(generator, *shape, dtype=dtype) * n["spread"] + n["offset"]
         for dim in (-1, int(torch.randint(-n["rank"], n["rank"], (), generator=generator))):
             drop = torch.rand(logits.shape, generator=generator).to(logits.device) < 0.3
             x = logits.masked_fill(drop, float("-inf"))
@@ -113,10 +102,10 @@ def attention(student: Callable) -> None:
     for dtype in DTYPES:
         # S, D >= 2: with one key, or d_k = 1, a missing 1/sqrt(d_k) would go unnoticed;
         # L >= 2: the mask's first query is blind, a second one shows whether `scale` is used
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(2, 9), S=(2, 11), D=(2, 40), Dv=(1, 12))
-        q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
-        k = _randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
-        v = _randn(generator, n["B"], n["H"], n["S"], n["Dv"], dtype=dtype)
+        n = sizes(generator, B=(1, 3), H=(1, 4), L=(2, 9), S=(2, 11), D=(2, 40), Dv=(1, 12))
+        q = randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
+        k = randn(generator, n["B"], n["H"], n["S"], n["D"], dtype=dtype)
+        v = randn(generator, n["B"], n["H"], n["S"], n["Dv"], dtype=dtype)
         scale = 0.05 + float(torch.rand((), generator=generator))
         for options in ({}, {"mask": _mask(generator, n, q.device), "scale": scale}):
             with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=ATTENTION_HELPERS):
@@ -138,8 +127,8 @@ def attention_entropy(student: Callable) -> None:
     for dtype in DTYPES:
         # S >= 2 and a uniform query (entropy ln S >= ln 2): with one key, or only sharp rows,
         # every entropy is ~0 and bits, nats or a flipped sign all look right
-        n = _sizes(generator, B=(1, 3), H=(1, 4), L=(4, 9), S=(2, 11), sharpness=(1, 20))
-        logits = _randn(generator, n["B"], n["H"], n["L"], n["S"], dtype=dtype)
+        n = sizes(generator, B=(1, 3), H=(1, 4), L=(4, 9), S=(2, 11), sharpness=(1, 20))
+        logits = randn(generator, n["B"], n["H"], n["L"], n["S"], dtype=dtype)
         weights = reference.softmax(logits * n["sharpness"], dim=-1)  # (B, H, L, S)
         weights[..., 0, :] = 0.0  # a query that attends to nothing
         weights[..., 1, :] = 0.0

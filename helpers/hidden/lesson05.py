@@ -12,16 +12,11 @@ import torch
 
 from helpers import attention, tasks, transformer
 from helpers.checks import lesson05 as visible
-from helpers.hidden._core import (HiddenTestFailed, expect_close, forbid, random_seed,
+from helpers.hidden._core import (HiddenTestFailed, expect, expect_close, forbid, random_seed,
                                   reporting_seed)
 
 IGNORE_INDEX = -100
 BLOCK_SHORTCUTS = visible.BLOCK_SHORTCUTS
-
-
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise HiddenTestFailed(message)
 
 
 def transformer_block(block_class: type[torch.nn.Module]) -> None:
@@ -97,39 +92,39 @@ def mlm_masking(mask_tokens: Callable) -> None:
                 result = mask_tokens(given, mask_id, vocab_size, p=p,
                                      generator=torch.Generator().manual_seed(draw_seed),
                                      special_ids=special_ids)
-            _expect(isinstance(result, tuple) and len(result) == 2
+            expect(isinstance(result, tuple) and len(result) == 2
                     and all(isinstance(r, torch.Tensor) for r in result),
                     "mask_tokens should return two tensors (inputs, labels)")
-            _expect(result[0].shape == given.shape and result[1].shape == given.shape,
+            expect(result[0].shape == given.shape and result[1].shape == given.shape,
                     f"inputs and labels should have the shape of tokens {tuple(given.shape)}")
-            _expect(result[0].dtype == given.dtype and result[1].dtype == torch.int64,
+            expect(result[0].dtype == given.dtype and result[1].dtype == torch.int64,
                     f"inputs should have the dtype of tokens ({given.dtype}) and labels int64, "
                     f"got {result[0].dtype} and {result[1].dtype}")
             return result
 
         inputs, labels = draw(seeds[0])
-        _expect(bool((tokens == before).all()), "mask_tokens changed tokens in place")
+        expect(bool((tokens == before).all()), "mask_tokens changed tokens in place")
         stats = visible.masking_statistics(tokens, inputs, labels, mask_id, special_ids)
-        _expect(stats["special_chosen"] == 0 and stats["special_changed"] == 0,
+        expect(stats["special_chosen"] == 0 and stats["special_changed"] == 0,
                 "special tokens were chosen or changed")
-        _expect(stats["wrong_labels"] == 0,
+        expect(stats["wrong_labels"] == 0,
                 "labels at chosen positions are not the original tokens")
-        _expect(stats["changed_unlabelled"] == 0, "tokens changed where the label is -100")
-        _expect(abs(stats["chosen"] - p) < 0.015,
+        expect(stats["changed_unlabelled"] == 0, "tokens changed where the label is -100")
+        expect(abs(stats["chosen"] - p) < 0.015,
                 f"{stats['chosen']:.3f} of ordinary tokens chosen, expected {p}")
         for name, share in (("masked", 0.8), ("random", 0.1), ("kept", 0.1)):
-            _expect(abs(stats[name] - share) < 0.04,
+            expect(abs(stats[name] - share) < 0.04,
                     f"{stats[name]:.3f} of chosen tokens {name}, expected {share}")
         replaced = labels.ne(IGNORE_INDEX) & inputs.ne(tokens) & inputs.ne(mask_id)
         randoms = inputs[replaced]
-        _expect(bool((randoms >= 0).all() and (randoms < vocab_size).all())
+        expect(bool((randoms >= 0).all() and (randoms < vocab_size).all())
                 and randoms.unique().numel() > 0.2 * randoms.numel(),
                 "random replacements are not spread over 0 .. vocab_size - 1")
         again = draw(seeds[0])
-        _expect(bool((again[0] == inputs).all() and (again[1] == labels).all()),
+        expect(bool((again[0] == inputs).all() and (again[1] == labels).all()),
                 "the same generator seed gave a different corruption")
         other = draw(seeds[1])
-        _expect(bool((other[1] != labels).any()), "two generator seeds gave the same corruption")
+        expect(bool((other[1] != labels).any()), "two generator seeds gave the same corruption")
         draw(seeds[1], given=tokens[0].int())  # any shape, any integer dtype
 
 
@@ -144,7 +139,7 @@ def next_token_loss(loss_fn: Callable) -> None:
             tokens = torch.randint(V, (B, L), generator=generator)
             with forbid(torch_functions=["cross_entropy", "nll_loss"]):
                 loss = loss_fn(logits, tokens)
-            _expect(isinstance(loss, torch.Tensor) and loss.dim() == 0,
+            expect(isinstance(loss, torch.Tensor) and loss.dim() == 0,
                     "the loss should be a scalar tensor")
             z = logits.detach().double()[:, :-1]  # (B, L-1, V)
             top = z.max(dim=-1, keepdim=True).values
@@ -155,7 +150,7 @@ def next_token_loss(loss_fn: Callable) -> None:
             loss.backward()
             grad = torch.zeros(B, L, V, dtype=torch.float64)
             grad[:, :-1] = (log_probs.exp() - target) / (B * (L - 1))
-            _expect(logits.grad is not None,
+            expect(logits.grad is not None,
                     "the loss is not differentiable with respect to logits")
             expect_close(logits.grad, grad, f"d loss / d logits ({dtype})", atol=1e-6)
 
@@ -176,9 +171,9 @@ def shift_right(shift_fn: Callable) -> None:
         before = labels.clone()
         with forbid(helpers=["helpers.tasks.shift_right"]):
             out = shift_fn(labels, start_id, pad_id)
-        _expect(isinstance(out, torch.Tensor), "shift_right should return a tensor")
-        _expect(bool((labels == before).all()), "shift_right changed the labels in place")
+        expect(isinstance(out, torch.Tensor), "shift_right should return a tensor")
+        expect(bool((labels == before).all()), "shift_right changed the labels in place")
         expected = tasks.shift_right(labels, start_id, pad_id)
-        _expect(out.shape == expected.shape and bool((out == expected).all()),
+        expect(out.shape == expected.shape and bool((out == expected).all()),
                 f"decoder inputs {out.tolist()} differ from the expected {expected.tolist()}")
 

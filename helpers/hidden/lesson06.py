@@ -15,8 +15,7 @@ from helpers import attention as attention_reference
 from helpers import flash as reference
 from helpers.checks.lesson06 import (AutogradWatch, TileWatch, matmul_flops, run_function,
                                      tile_flops)
-from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, randn, random_seed
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -37,10 +36,6 @@ ATTENTION_FUNCTIONS = ["scaled_dot_product_attention", "multi_head_attention_for
 def _randint(generator: torch.Generator, low: int, high: int) -> int:
     """An integer in low .. high inclusive."""
     return int(torch.randint(low, high + 1, (), generator=generator))
-
-
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
 
 
 def _ragged(generator: torch.Generator, block: int, low: int, high: int) -> int:
@@ -150,11 +145,11 @@ def merge_softmax_states(student: Callable) -> None:
         n = {name: _randint(generator, *bounds) for name, bounds in
              {"B": (1, 3), "L": (4, 9), "n_a": (1, 8), "n_b": (1, 8), "Dv": (1, 6)}.items()}
         spread, offset = 1 + 4 * float(torch.rand((), generator=generator)), _randint(generator, -50, 50)
-        s_a = _randn(generator, n["B"], n["L"], n["n_a"], dtype=torch.float64) * spread + offset
-        s_b = _randn(generator, n["B"], n["L"], n["n_b"], dtype=torch.float64) * spread + offset + 3
+        s_a = randn(generator, n["B"], n["L"], n["n_a"], dtype=torch.float64) * spread + offset
+        s_b = randn(generator, n["B"], n["L"], n["n_b"], dtype=torch.float64) * spread + offset + 3
         s_a[:, 0], s_b[:, 1], s_a[:, 2], s_b[:, 2] = -math.inf, -math.inf, -math.inf, -math.inf
-        v_a = _randn(generator, n["B"], n["n_a"], n["Dv"], dtype=torch.float64)
-        v_b = _randn(generator, n["B"], n["n_b"], n["Dv"], dtype=torch.float64)
+        v_a = randn(generator, n["B"], n["n_a"], n["Dv"], dtype=torch.float64)
+        v_b = randn(generator, n["B"], n["n_b"], n["Dv"], dtype=torch.float64)
         a, b = _state(s_a, v_a), _state(s_b, v_b)
         what = f"merge_softmax_states, {n}, {dtype}, seed {seed}"
         with forbid(helpers=FLASH_HELPERS):
@@ -195,9 +190,9 @@ def _forward_sizes(generator: torch.Generator, causal: bool, longer_keys: bool
 def _forward_inputs(generator: torch.Generator, n: dict[str, int], dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lead = (n["B"], n["H"])
-    return (_randn(generator, *lead, n["L"], n["D"], dtype=dtype),
-            _randn(generator, *lead, n["S"], n["D"], dtype=dtype),
-            _randn(generator, *lead, n["S"], n["Dv"], dtype=dtype))
+    return (randn(generator, *lead, n["L"], n["D"], dtype=dtype),
+            randn(generator, *lead, n["S"], n["D"], dtype=dtype),
+            randn(generator, *lead, n["S"], n["Dv"], dtype=dtype))
 
 
 FORWARD_FORBIDDEN = {"torch_functions": ATTENTION_FUNCTIONS,
@@ -284,7 +279,7 @@ def tiled_attention_backward(student: Callable) -> None:
         while n["Dv"] == n["D"]:  # dk and dv must not be interchangeable
             n["Dv"] = _randint(generator, 1, 8)
         q, k, v = _forward_inputs(generator, n, dtype)
-        dout = _randn(generator, n["B"], n["H"], n["L"], n["Dv"], dtype=dtype)
+        dout = randn(generator, n["B"], n["H"], n["L"], n["Dv"], dtype=dtype)
         scale = None if longer_keys else 0.1 + float(torch.rand((), generator=generator))
         out, lse = _oracle(q, k, v, scale, causal=False)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -325,8 +320,8 @@ def flash_function(student: object) -> None:
         D, Dv = _randint(generator, 2, 8), _randint(generator, 1, 8)
         L, S = _randint(generator, 65, 90), _randint(generator, 65, 90)
         L, S = (min(L, S) - 1, max(L, S) + 1) if longer_keys else (max(L, S) + 1, min(L, S) - 1)
-        q, k, v = (_randn(generator, B, H, n, d, dtype=dtype) for n, d in ((L, D), (S, D), (S, Dv)))
-        dout = _randn(generator, B, H, L, Dv, dtype=dtype)
+        q, k, v = (randn(generator, B, H, n, d, dtype=dtype) for n, d in ((L, D), (S, D), (S, Dv)))
+        dout = randn(generator, B, H, L, Dv, dtype=dtype)
         what = f"FlashAttention, B={B}, H={H}, L={L}, S={S}, D={D}, Dv={Dv}, causal={causal}, " \
                f"seed {seed}"
         watch = TileWatch(L, S, B * H)

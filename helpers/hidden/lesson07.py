@@ -18,7 +18,7 @@ import torch
 from helpers import attention
 from helpers.checks import lesson07 as visible
 from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import expect, expect_close, forbid, randn, random_seed
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -35,19 +35,10 @@ def _randint(generator: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator))
 
 
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise HiddenTestFailed(message)
-
-
 def _expect_dtype(value: object, dtype: torch.dtype, what: str) -> None:
-    _expect(isinstance(value, torch.Tensor), f"{what}: expected a tensor, got "
+    expect(isinstance(value, torch.Tensor), f"{what}: expected a tensor, got "
             f"{type(value).__name__}")
-    _expect(value.dtype == dtype, f"{what}: dtype {value.dtype}, expected {dtype}")
+    expect(value.dtype == dtype, f"{what}: dtype {value.dtype}, expected {dtype}")
 
 
 def kv_cache_bytes(student: Callable) -> None:
@@ -66,7 +57,7 @@ def kv_cache_bytes(student: Callable) -> None:
             got = student(config, seq_len, batch=batch, bytes_per_elem=bytes_per_elem)
         held = seq_len if window is None else min(seq_len, window)
         expected = 2 * config.n_layers * n_kv * config.head_dim * held * batch * bytes_per_elem
-        _expect(isinstance(got, int) and got == expected,
+        expect(isinstance(got, int) and got == expected,
                 f"kv_cache_bytes({vars(config)}, seq_len={seq_len}, batch={batch}, "
                 f"bytes_per_elem={bytes_per_elem}) = {got!r}, expected {expected} (seed {seed})")
 
@@ -78,7 +69,7 @@ def repeat_kv(student: Callable) -> None:
         B, H_kv, S, D = (_randint(generator, 1, 3), _randint(generator, 2, 4),
                          _randint(generator, 1, 9), _randint(generator, 1, 8))
         n_rep = _randint(generator, 2, 4)
-        x = _randn(generator, B, S, H_kv, D, dtype=dtype).transpose(1, 2)  # not contiguous
+        x = randn(generator, B, S, H_kv, D, dtype=dtype).transpose(1, 2)  # not contiguous
         with forbid(torch_functions=["repeat_interleave"],
                     helpers=["helpers.attention.repeat_kv"]):
             out = student(x, n_rep)
@@ -99,9 +90,9 @@ def grouped_query_attention(student: Callable) -> None:
             B, L = _randint(generator, 1, 3), _randint(generator, 2, 6)
             S = _randint(generator, 3, 9)
             D, Dv = _randint(generator, 2, 16), _randint(generator, 1, 8)
-            q = _randn(generator, B, H_kv * G, L, D, dtype=dtype)
-            k = _randn(generator, B, H_kv, S, D, dtype=dtype)
-            v = _randn(generator, B, H_kv, S, Dv, dtype=dtype)
+            q = randn(generator, B, H_kv * G, L, D, dtype=dtype)
+            k = randn(generator, B, H_kv, S, D, dtype=dtype)
+            v = randn(generator, B, H_kv, S, Dv, dtype=dtype)
             causal = attention.causal_mask(L, S, device=q.device)  # (L, S)
             blind = (torch.rand(B, 1, L, S, generator=generator) < 0.7).to(q.device)
             blind[..., 0, :] = False  # a query that sees nothing
@@ -127,7 +118,7 @@ def mean_pool_kv(student: Callable) -> None:
             G, D = _randint(generator, 2, 4), _randint(generator, 1, 6)
             H = H_kv * G
             for trailing in ((_randint(generator, 1, 7),), ()):
-                weight = _randn(generator, H * D, *trailing, dtype=dtype)
+                weight = randn(generator, H * D, *trailing, dtype=dtype)
                 with forbid(helpers=["helpers.attention.mean_pool_heads"]):
                     out = student(weight, H, H_kv)
                 what = (f"mean_pool_kv, weight {tuple(weight.shape)}, n_heads={H}, "
@@ -149,7 +140,7 @@ def apply_rope(student: Callable) -> None:
         positions = positions.to(get_device())
         # never the default 10000: an answer that ignores the argument base would pass
         base = (500000.0, float(_randint(generator, 100, 5000)))[_randint(generator, 0, 1)]
-        x = _randn(generator, B, H, L, D, dtype=dtype)
+        x = randn(generator, B, H, L, D, dtype=dtype)
         with forbid(helpers=visible.ROPE_HELPERS):
             out = student(x, positions, base=base)
         what = (f"apply_rope, x {tuple(x.shape)}, positions {positions.tolist()}, base {base}, "
@@ -176,7 +167,7 @@ def local_global_mask(student: Callable) -> None:
         _expect_dtype(mask, torch.bool, what)
         expected = torch.tensor([[j <= i and (j > i - window or j < n_global) for j in range(L)]
                                  for i in range(L)])
-        _expect(tuple(mask.shape) == (L, L) and torch.equal(mask.cpu(), expected),
+        expect(tuple(mask.shape) == (L, L) and torch.equal(mask.cpu(), expected),
                 f"{what}: the mask differs from i - window < j <= i (or j < n_global, j <= i)")
 
 
@@ -187,12 +178,12 @@ def banded_attention(student: Callable) -> None:
         window = _randint(generator, 2, 6)
         L = window * _randint(generator, 9, 14) + _randint(generator, 1, window - 1)
         B, H, D = _randint(generator, 1, 2), _randint(generator, 1, 2), _randint(generator, 2, 16)
-        q, k, v = (_randn(generator, B, H, L, D, dtype=dtype) for _ in range(3))
+        q, k, v = (randn(generator, B, H, L, D, dtype=dtype) for _ in range(3))
         with forbid(torch_functions=visible.ATTENTION_FUNCTIONS,
                     helpers=["helpers.attention.sliding_window_mask", *visible.ATTENTION_HELPERS]):
             out, quadratic = visible.quadratic_tensor(lambda: student(q, k, v, window), L)
         what = (f"banded_attention, q {tuple(q.shape)}, window {window}, {dtype}, seed {seed}")
-        _expect(quadratic is None, f"{what}: a tensor of shape {quadratic} was built, as large "
+        expect(quadratic is None, f"{what}: a tensor of shape {quadratic} was built, as large "
                 "as an (L, L) matrix: the banded computation must stay O(L·W)")
         _expect_dtype(out, dtype, what)
         i = torch.arange(L)[:, None]

@@ -18,9 +18,8 @@ import torch
 from helpers import attention as reference_attention
 from helpers import linear_attention as reference_linear
 from helpers import ring as reference_ring
-from helpers.device import get_device
-from helpers.hidden._core import (HiddenTestFailed, expect_close, forbid, random_seed,
-                                  record_calls, record_shapes)
+from helpers.hidden._core import (HiddenTestFailed, expect_close, expect_tensor, forbid, randn,
+                                  random_seed, record_calls, record_shapes, sizes)
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -33,24 +32,6 @@ LINEAR_HELPERS = ["helpers.linear_attention.linear_attention",
                   "helpers.linear_attention.recurrent_linear_attention",
                   "helpers.linear_attention.chunked_linear_attention",
                   "helpers.linear_attention.LinearAttention"]
-
-
-def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
-    """One random size per name, each drawn from its inclusive range."""
-    return {name: int(torch.randint(low, high + 1, (), generator=generator))
-            for name, (low, high) in ranges.items()}
-
-
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
-def _expect_tensor(value: object, dtype: torch.dtype | None, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if dtype is not None and value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
 
 
 def _expect_value_error(run: Callable[[], object], what: str) -> None:
@@ -76,11 +57,11 @@ def ring_attention_simulated(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 3), P=(2, 4), block=(2, 4), D=(2, 8), Dv=(1, 6))
+        n = sizes(generator, B=(1, 3), H=(1, 3), P=(2, 4), block=(2, 4), D=(2, 8), Dv=(1, 6))
         L = n["P"] * n["block"]
-        q = _randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype)
-        k = _randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype)
-        v = _randn(generator, n["B"], n["H"], L, n["Dv"], dtype=dtype)
+        q = randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype)
+        k = randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype)
+        v = randn(generator, n["B"], n["H"], L, n["Dv"], dtype=dtype)
         for causal in (False, True):
             what = f"ring_attention_simulated, {n}, causal={causal}, {dtype}, seed {seed}"
             with forbid(torch_functions=ATTENTION_FUNCTIONS,
@@ -88,7 +69,7 @@ def ring_attention_simulated(student: Callable) -> None:
                                  "helpers.ring.ring_attention", *ATTENTION_HELPERS]):
                 with record_calls(["helpers.flash.block_attention"]) as calls:
                     out = student(q, k, v, n["P"], causal=causal)
-            out = _expect_tensor(out, dtype, what)
+            out = expect_tensor(out, dtype, what)
             expect_close(out, _attention(q, k, v, causal), what, **TOLERANCES[dtype])
             P = n["P"]
             expected_calls = P * (P + 1) // 2 if causal else P * P
@@ -107,7 +88,7 @@ def ring_bytes_per_device(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(4):
-        n = _sizes(generator, batch=(1, 4), heads=(1, 16), block=(1, 4096), head_dim=(1, 256),
+        n = sizes(generator, batch=(1, 4), heads=(1, 16), block=(1, 4096), head_dim=(1, 256),
                    P=(2, 16), bytes=(1, 8))
         args = (n["batch"], n["heads"], n["block"] * n["P"], n["head_dim"], n["P"])
         expected = 2 * (n["P"] - 1) * n["batch"] * n["heads"] * n["block"] * n["head_dim"]
@@ -128,12 +109,12 @@ def ring_work(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(3):
-        n = _sizes(generator, P=(3, 5), block=(2, 4))
+        n = sizes(generator, P=(3, 5), block=(2, 4))
         positions = torch.randperm(n["P"] * n["block"], generator=generator).view(n["P"], -1)
         with forbid(helpers=["helpers.ring.ring_work"]):
             got = student(positions.clone())
         what = f"ring_work of positions {positions.tolist()}, seed {seed}"
-        got = _expect_tensor(got, None, what)
+        got = expect_tensor(got, None, what)
         expected = reference_ring.ring_work(positions)
         if tuple(got.shape) != tuple(expected.shape) or not bool((got.double().cpu()
                                                                   == expected.double()).all()):
@@ -145,10 +126,10 @@ def striped_positions(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for _ in range(3):
-        n = _sizes(generator, P=(2, 7), block=(2, 6))
+        n = sizes(generator, P=(2, 7), block=(2, 6))
         L = n["P"] * n["block"]
         with forbid(helpers=["helpers.ring.layout_positions"]):
-            got = _expect_tensor(student(L, n["P"]), None, f"striped_positions({L}, {n['P']})")
+            got = expect_tensor(student(L, n["P"]), None, f"striped_positions({L}, {n['P']})")
         expected = [[r + n["P"] * i for i in range(n["block"])] for r in range(n["P"])]
         if got.is_floating_point() or got.tolist() != expected:
             raise HiddenTestFailed(f"striped_positions({L}, {n['P']}) = {got.tolist()}, "
@@ -171,18 +152,18 @@ def linear_attention_parallel(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 3), L=(7, 12), extra=(1, 4), D=(2, 6), Dv=(1, 6))
+        n = sizes(generator, B=(1, 3), H=(1, 3), L=(7, 12), extra=(1, 4), D=(2, 6), Dv=(1, 6))
         S = n["L"] + n["extra"]
-        q = _randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
-        k = _randn(generator, n["B"], n["H"], S, n["D"], dtype=dtype)
-        v = _randn(generator, n["B"], n["H"], S, n["Dv"], dtype=dtype)
+        q = randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype)
+        k = randn(generator, n["B"], n["H"], S, n["D"], dtype=dtype)
+        v = randn(generator, n["B"], n["H"], S, n["Dv"], dtype=dtype)
         for causal in (False, True):
             what = f"linear_attention_parallel, {n}, S={S}, causal={causal}, {dtype}, seed {seed}"
             with forbid(torch_functions=ATTENTION_FUNCTIONS,
                         helpers=[*LINEAR_HELPERS, *ATTENTION_HELPERS]):
                 with record_shapes() as shapes:
                     out = student(q, k, v, causal=causal)
-            out = _expect_tensor(out, dtype, what)
+            out = expect_tensor(out, dtype, what)
             expect_close(out, _linear_reference(q, k, v, causal), what, **TOLERANCES[dtype])
             if not causal:
                 _no_square(shapes, n["L"], S, what)
@@ -193,9 +174,9 @@ def linear_attention_recurrent(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 3), L=(8, 14), D=(2, 6), Dv=(1, 6), cut=(1, 7))
-        q, k = (_randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype) for _ in range(2))
-        v = _randn(generator, n["B"], n["H"], n["L"], n["Dv"], dtype=dtype)
+        n = sizes(generator, B=(1, 3), H=(1, 3), L=(8, 14), D=(2, 6), Dv=(1, 6), cut=(1, 7))
+        q, k = (randn(generator, n["B"], n["H"], n["L"], n["D"], dtype=dtype) for _ in range(2))
+        v = randn(generator, n["B"], n["H"], n["L"], n["Dv"], dtype=dtype)
         what = f"linear_attention_recurrent, {n}, {dtype}, seed {seed}"
         with forbid(helpers=LINEAR_HELPERS):
             with record_shapes() as shapes:
@@ -208,12 +189,12 @@ def linear_attention_recurrent(student: Callable) -> None:
             raise HiddenTestFailed(f"{what}: expected (out, (S, z))")
         out, (S, z) = result
         expected = _linear_reference(q, k, v, True)
-        expect_close(_expect_tensor(out, dtype, what), expected, f"{what}: out",
+        expect_close(expect_tensor(out, dtype, what), expected, f"{what}: out",
                      **TOLERANCES[dtype])
         phi_k = reference_linear.elu_feature_map(k.double())
-        expect_close(_expect_tensor(S, dtype, what), phi_k.transpose(-2, -1) @ v.double(),
+        expect_close(expect_tensor(S, dtype, what), phi_k.transpose(-2, -1) @ v.double(),
                      f"{what}: S", **TOLERANCES[dtype])
-        expect_close(_expect_tensor(z, dtype, what), phi_k.sum(-2), f"{what}: z",
+        expect_close(expect_tensor(z, dtype, what), phi_k.sum(-2), f"{what}: z",
                      **TOLERANCES[dtype])
         expect_close(torch.cat([first, second], dim=-2), expected,
                      f"{what}: fed in two pieces, cut at {cut}", **TOLERANCES[dtype])
@@ -227,16 +208,16 @@ def linear_attention_chunked(student: Callable) -> None:
     seed = random_seed()
     generator = torch.Generator().manual_seed(seed)
     for dtype in DTYPES:
-        n = _sizes(generator, B=(1, 3), H=(1, 3), chunk=(3, 6), chunks=(2, 3), rest=(1, 5),
+        n = sizes(generator, B=(1, 3), H=(1, 3), chunk=(3, 6), chunks=(2, 3), rest=(1, 5),
                    D=(2, 6), Dv=(1, 6))
         C = n["chunk"]
         L = C * n["chunks"] + min(n["rest"], C - 1)  # a ragged last chunk; L >= 7 > C, D, Dv
-        q, k = (_randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype) for _ in range(2))
-        v = _randn(generator, n["B"], n["H"], L, n["Dv"], dtype=dtype)
+        q, k = (randn(generator, n["B"], n["H"], L, n["D"], dtype=dtype) for _ in range(2))
+        v = randn(generator, n["B"], n["H"], L, n["Dv"], dtype=dtype)
         what = f"linear_attention_chunked, {n}, L={L}, {dtype}, seed {seed}"
         with forbid(torch_functions=ATTENTION_FUNCTIONS, helpers=LINEAR_HELPERS):
             with record_shapes() as shapes:
                 out = student(q, k, v, C)
-        expect_close(_expect_tensor(out, dtype, what), _linear_reference(q, k, v, True), what,
+        expect_close(expect_tensor(out, dtype, what), _linear_reference(q, k, v, True), what,
                      **TOLERANCES[dtype])
         _no_square(shapes, L, L, what)

@@ -15,15 +15,10 @@ import torch
 from helpers import attention, kv_cache, transformer
 from helpers.checks import lesson09 as visible
 from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import expect, expect_close, forbid, random_seed
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise HiddenTestFailed(message)
 
 
 @visible.on_one_thread
@@ -43,7 +38,7 @@ def decode_attention(fn: Callable) -> None:
             what = f"decode_attention, B={B}, H={H}, D={D}, S={S}, {dtype}, seed {seed}"
             with torch.no_grad(), forbid(helpers=["helpers.transformer.attention"]):
                 result = fn(attn, x, past_k, past_v)
-            _expect(isinstance(result, tuple) and len(result) == 3,
+            expect(isinstance(result, tuple) and len(result) == 3,
                     f"{what}: expected a tuple (out, k, v)")
             for name, value in zip(("out", "k", "v"), result):
                 expect_close(value, expected[name], f"{what}: {name}", atol=TOLERANCE[dtype],
@@ -65,18 +60,18 @@ def growing_kv(cache_class: type) -> None:
                 cache_class, chunks, capacity, seed=rng.randrange(2**31), dtype=dtype)
         what = f"GrowingKV(capacity={capacity}), {len(chunks)} appends, {dtype}, seed {seed}"
         for i in sorted({0, 1, len(chunks) // 2, len(chunks) - 1}):
-            _expect(isinstance(results[i], tuple) and len(results[i]) == 2,
+            expect(isinstance(results[i], tuple) and len(results[i]) == 2,
                     f"{what}: append should return (k_all, v_all)")
             expect_close(results[i][0], torch.cat(keys[:i + 1], dim=2),
                          f"{what}: keys after append {i + 1}", atol=0, rtol=0)
             expect_close(results[i][1], torch.cat(values[:i + 1], dim=2),
                          f"{what}: values after append {i + 1}", atol=0, rtol=0)
-            _expect(results[i][0].dtype == dtype, f"{what}: keys come back as "
+            expect(results[i][0].dtype == dtype, f"{what}: keys come back as "
                     f"{results[i][0].dtype}, appended as {dtype}")
-        _expect(getattr(cache, "length", None) == sum(chunks),
+        expect(getattr(cache, "length", None) == sum(chunks),
                 f"{what}: length is {getattr(cache, 'length', None)}, expected {sum(chunks)}")
         allowed = visible.doublings(capacity, chunks)
-        _expect(len(set(addresses)) <= allowed, f"{what}: {len(set(addresses))} storages, "
+        expect(len(set(addresses)) <= allowed, f"{what}: {len(set(addresses))} storages, "
                 f"doubling needs {allowed}: append must write into preallocated storage and "
                 "return views of it, doubling the capacity when it is full")
 
@@ -99,14 +94,14 @@ def generate_greedy(fn: Callable) -> None:
     model.calls = []
     what = f"generate_greedy, B={B}, L={L}, {steps} new tokens, seed {seed}"
     out = fn(model, idx, steps)
-    _expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (B, L + steps),
+    expect(isinstance(out, torch.Tensor) and tuple(out.shape) == (B, L + steps),
             f"{what}: expected a tensor of shape {(B, L + steps)}")
-    _expect(bool((out == expected).all()), f"{what}: the tokens differ from generation "
+    expect(bool((out == expected).all()), f"{what}: the tokens differ from generation "
             "without a cache")
     calls = model.calls
-    _expect(bool(calls) and all(cached for _, cached in calls), f"{what}: every call to the "
+    expect(bool(calls) and all(cached for _, cached in calls), f"{what}: every call to the "
             "model must pass the cache")
-    _expect(calls[0][0] == L and all(length == 1 for length, _ in calls[1:]),
+    expect(calls[0][0] == L and all(length == 1 for length, _ in calls[1:]),
             f"{what}: the calls fed {[length for length, _ in calls]} tokens: the prompt once, "
             "then one token per step")
 
@@ -130,26 +125,26 @@ def quantize(quantize_fn: Callable, dequantize_fn: Callable) -> None:
         with forbid(helpers=["helpers.kv_cache.quantize", "helpers.kv_cache.dequantize",
                              "helpers.kv_cache.QuantizedKVCache"]):
             result = quantize_fn(x, dim, bits)
-            _expect(isinstance(result, tuple) and len(result) == 3,
+            expect(isinstance(result, tuple) and len(result) == 3,
                     f"{what}: expected (codes, scale, zero)")
             codes, scale, zero = result
             x_hat = dequantize_fn(codes, scale, zero)
-        _expect(isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8
+        expect(isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8
                 and tuple(codes.shape) == tuple(shape), f"{what}: codes should be uint8 with "
                 "the shape of x")
-        _expect(int(codes.max()) <= 2**bits - 1, f"{what}: a code is above 2^bits - 1")
+        expect(int(codes.max()) <= 2**bits - 1, f"{what}: a code is above 2^bits - 1")
         expected_scale, expected_zero = visible.quantization_oracle(x, dim, bits)
         for name, value, target in (("scale", scale, expected_scale), ("zero", zero,
                                                                        expected_zero)):
-            _expect(isinstance(value, torch.Tensor) and value.dtype == dtype,
+            expect(isinstance(value, torch.Tensor) and value.dtype == dtype,
                     f"{what}: {name} should be a tensor of dtype {dtype}")
             expect_close(value, target, f"{what}: {name}", atol=TOLERANCE[dtype],
                          rtol=TOLERANCE[dtype])
-        _expect(isinstance(x_hat, torch.Tensor) and x_hat.dtype == dtype,
+        expect(isinstance(x_hat, torch.Tensor) and x_hat.dtype == dtype,
                 f"{what}: dequantize should return the dtype of scale")
         error = (x_hat.double() - x.double()).abs()
         bound = expected_scale / 2 * (1 + 1e-5) + TOLERANCE[dtype] * (1 + x.double().abs())
-        _expect(bool((error <= bound).all()), f"{what}: the round trip is off by more than "
+        expect(bool((error <= bound).all()), f"{what}: the round trip is off by more than "
                 "half a step somewhere (or NaN on the constant slice)")
 
 
@@ -172,7 +167,7 @@ def sink_window(fn: Callable) -> None:
         what = f"sink_window, S={S}, window={window}, n_sinks={n_sinks}, seed {seed}"
         with forbid(helpers=["helpers.kv_cache.sink_window_keep", "helpers.kv_cache.SinkCache"]):
             result = fn(k, v, window, n_sinks)
-        _expect(isinstance(result, tuple) and len(result) == 2, f"{what}: expected (k, v)")
+        expect(isinstance(result, tuple) and len(result) == 2, f"{what}: expected (k, v)")
         keep = kv_cache.sink_window_keep(torch.arange(S), window, n_sinks).to(k.device)
         expect_close(result[0], k[:, :, keep], f"{what}: keys", atol=0, rtol=0)
         expect_close(result[1], v[:, :, keep], f"{what}: values", atol=0, rtol=0)
@@ -203,7 +198,7 @@ def heavy_hitters(fn: Callable) -> None:
                              "helpers.kv_cache.HeavyHitterCache"]):
             kept = fn(scores.to(get_device()), budget, n_recent)
         expected = visible.heavy_hitter_oracle(scores, budget, n_recent)
-        _expect(isinstance(kept, torch.Tensor) and not kept.is_floating_point()
+        expect(isinstance(kept, torch.Tensor) and not kept.is_floating_point()
                 and kept.shape == expected.shape, f"{what}: expected integer indices of shape "
                 f"{tuple(expected.shape)}")
-        _expect(bool((kept.cpu() == expected).all()), f"{what}: the kept indices differ")
+        expect(bool((kept.cpu() == expected).all()), f"{what}: the kept indices differ")

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from helpers import ssm as reference
 from helpers.checks.lesson10 import torch_calls
 from helpers.device import get_device
-from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, random_seed
+from helpers.hidden._core import (HiddenTestFailed, as_double, expect_close, expect_tensor, forbid,
+                                  randn, random_seed, sizes)
 
 DTYPES = (torch.float32, torch.float64)
 TOLERANCES = {torch.float32: {"atol": 1e-5, "rtol": 1e-4},
@@ -32,32 +33,10 @@ SSD_HELPERS = ["helpers.ssm.ssd", "helpers.ssm.ssd_mask", "helpers.ssm.segment_s
                "helpers.ssm.parallel_scan"]
 
 
-def _sizes(generator: torch.Generator, **ranges: tuple[int, int]) -> dict[str, int]:
-    """One random size per name, each drawn from its inclusive range."""
-    return {name: int(torch.randint(low, high + 1, (), generator=generator))
-            for name, (low, high) in ranges.items()}
-
-
-def _randn(generator: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator, dtype=dtype).to(get_device())
-
-
 def _uniform(generator: torch.Generator, *shape: int, low: float, high: float,
              dtype: torch.dtype) -> torch.Tensor:
     return (low + (high - low) * torch.rand(*shape, generator=generator, dtype=dtype)
             ).to(get_device())
-
-
-def _expect_tensor(value: object, dtype: torch.dtype, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise HiddenTestFailed(f"{what}: expected a tensor, got {type(value).__name__}")
-    if value.dtype != dtype:
-        raise HiddenTestFailed(f"{what}: dtype {value.dtype}, expected {dtype}")
-    return value
-
-
-def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [tensor.detach().double() for tensor in tensors]
 
 
 def discretize(student: Callable) -> None:
@@ -67,11 +46,11 @@ def discretize(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype in DTYPES:
-        n = _sizes(generator, D=(1, 4), N=(2, 8))
+        n = sizes(generator, D=(1, 4), N=(2, 8))
         # |A| in [0.37, 4.5], the two ends always present: a missing 1/A shows on every draw
         A = -torch.exp(_uniform(generator, n["D"], n["N"], low=-1.0, high=1.5, dtype=dtype))
         A[:, 0], A[:, -1] = -0.4, -3.0
-        B = _randn(generator, n["D"], n["N"], dtype=dtype)
+        B = randn(generator, n["D"], n["N"], dtype=dtype)
         # Δ in [0.05, 0.7]: away from 1 (B̄ without Δ) and from 0 (where ΔB is exact)
         steps = {"a float": 0.05 + 0.65 * float(torch.rand((), generator=generator)),
                  "(D, 1)": _uniform(generator, n["D"], 1, low=0.05, high=0.7, dtype=dtype),
@@ -88,9 +67,9 @@ def discretize(student: Callable) -> None:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise HiddenTestFailed(f"{what}: expected a tuple (A_bar, B_bar)")
         expected = reference.discretize_zoh(
-            *_double(A, B), delta if isinstance(delta, float) else delta.double())
+            *as_double(A, B), delta if isinstance(delta, float) else delta.double())
         for name, value, target in zip(("A_bar", "B_bar"), result, expected):
-            _expect_tensor(value, A.dtype, f"{what}: {name}")
+            expect_tensor(value, A.dtype, f"{what}: {name}")
             expect_close(value, target, f"{what}: {name}", **TOLERANCES[A.dtype])
 
 
@@ -98,7 +77,7 @@ def _lti(generator: torch.Generator, n: dict[str, int], dtype: torch.dtype
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A_bar in (0.2, 0.95) with one slow state per channel; B_bar, C normal."""
     A_bar = _uniform(generator, n["D"], n["N"], low=0.2, high=0.95, dtype=dtype)
-    B_bar, C = (_randn(generator, n["D"], n["N"], dtype=dtype) for _ in range(2))
+    B_bar, C = (randn(generator, n["D"], n["N"], dtype=dtype) for _ in range(2))
     # a long memory of weight 1 in every channel: a wrapped-around FFT convolution (the end of
     # the sequence leaking onto its start) shows on every draw
     A_bar[:, 0], B_bar[:, 0], C[:, 0] = 0.95, 1.0, 1.0
@@ -111,15 +90,15 @@ def ssm_recurrent(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype in DTYPES:
-        n = _sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(3, 12))
-        u = _randn(generator, n["batch"], n["L"], n["D"], dtype=dtype).transpose(1, 2)
+        n = sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(3, 12))
+        u = randn(generator, n["batch"], n["L"], n["D"], dtype=dtype).transpose(1, 2)
         cases.append((f"{n}, {dtype}", u, *_lti(generator, n, dtype)))
     with forbid(torch_functions=CONVOLUTIONS, helpers=LTI_HELPERS):
         results = [student(*case[1:]) for case in cases]
     for (case, *inputs), y in zip(cases, results):
         what = f"ssm_recurrent, {case}, seed {seed}"
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssm_recurrent(*_double(*inputs)), what,
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssm_recurrent(*as_double(*inputs)), what,
                      **TOLERANCES[inputs[0].dtype])
 
 
@@ -130,18 +109,18 @@ def ssm_convolution(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype in DTYPES:
-        n = _sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(6, 40))
-        u = _randn(generator, n["batch"], n["D"], n["L"], dtype=dtype)
+        n = sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(6, 40))
+        u = randn(generator, n["batch"], n["D"], n["L"], dtype=dtype)
         cases.append((f"{n}, {dtype}", u, *_lti(generator, n, dtype)))
-    long = _randn(generator, 1, cases[0][1].shape[1], 36, dtype=cases[0][1].dtype)
+    long = randn(generator, 1, cases[0][1].shape[1], 36, dtype=cases[0][1].dtype)
     with forbid(helpers=LTI_HELPERS):
         results = [student(*case[1:]) for case in cases]
         _, short_calls = torch_calls(student, long[..., :4], *cases[0][2:])
         _, long_calls = torch_calls(student, long, *cases[0][2:])
     for (case, *inputs), y in zip(cases, results):
         what = f"ssm_convolution, {case}, seed {seed}"
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssm_recurrent(*_double(*inputs)), what,
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssm_recurrent(*as_double(*inputs)), what,
                      **TOLERANCES[inputs[0].dtype])
     if long_calls - short_calls > 12:
         raise HiddenTestFailed(f"ssm_convolution, seed {seed}: {short_calls} torch operations at "
@@ -154,20 +133,20 @@ def selective_scan_sequential(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype in DTYPES:
-        n = _sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(3, 10))
+        n = sizes(generator, batch=(1, 3), D=(1, 4), N=(2, 6), L=(3, 10))
         cases.append((f"{n}, {dtype}", [
-            _randn(generator, n["batch"], n["D"], n["L"], dtype=dtype),  # u
-            F.softplus(_randn(generator, n["batch"], n["D"], n["L"], dtype=dtype)),  # delta
-            -torch.exp(_randn(generator, n["D"], n["N"], dtype=dtype)),  # A
-            _randn(generator, n["batch"], n["N"], n["L"], dtype=dtype),  # B
-            _randn(generator, n["batch"], n["N"], n["L"], dtype=dtype),  # C
-            _randn(generator, n["D"], dtype=dtype)]))  # D
+            randn(generator, n["batch"], n["D"], n["L"], dtype=dtype),  # u
+            F.softplus(randn(generator, n["batch"], n["D"], n["L"], dtype=dtype)),  # delta
+            -torch.exp(randn(generator, n["D"], n["N"], dtype=dtype)),  # A
+            randn(generator, n["batch"], n["N"], n["L"], dtype=dtype),  # B
+            randn(generator, n["batch"], n["N"], n["L"], dtype=dtype),  # C
+            randn(generator, n["D"], dtype=dtype)]))  # D
     with forbid(helpers=SCAN_HELPERS):
         results = [student(*inputs) for _, inputs in cases]
     for (case, inputs), y in zip(cases, results):
         what = f"selective_scan_sequential, {case}, seed {seed}"
-        expected = reference.selective_scan(*_double(*inputs), method="sequential")
-        expect_close(_expect_tensor(y, inputs[0].dtype, what), expected, what,
+        expected = reference.selective_scan(*as_double(*inputs), method="sequential")
+        expect_close(expect_tensor(y, inputs[0].dtype, what), expected, what,
                      **TOLERANCES[inputs[0].dtype])
 
 
@@ -178,13 +157,13 @@ def parallel_scan(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype in DTYPES:
-        n = _sizes(generator, rank=(0, 2), L=(2, 300))
-        lead = list(_sizes(generator, **{f"d{i}": (1, 4) for i in range(n["rank"])}).values())
+        n = sizes(generator, rank=(0, 2), L=(2, 300))
+        lead = list(sizes(generator, **{f"d{i}": (1, 4) for i in range(n["rank"])}).values())
         a = _uniform(generator, *lead, n["L"], low=0.3, high=1.0, dtype=dtype)
         cases.append((a.requires_grad_(),
-                      _randn(generator, *lead, n["L"], dtype=dtype).requires_grad_()))
+                      randn(generator, *lead, n["L"], dtype=dtype).requires_grad_()))
     long = _uniform(generator, 1024, low=0.5, high=1.0, dtype=torch.float64)
-    values = _randn(generator, 1024, dtype=torch.float64)
+    values = randn(generator, 1024, dtype=torch.float64)
     with forbid(torch_functions=CUMULATIVE, helpers=["helpers.ssm.parallel_scan",
                                                      "helpers.ssm.sequential_scan",
                                                      "helpers.ssm.selective_scan"]):
@@ -193,14 +172,14 @@ def parallel_scan(student: Callable) -> None:
         _, short_calls = torch_calls(student, long[:16], values[:16])
     for (a, b), h in zip(cases, results):
         what = f"parallel_scan, shape {tuple(b.shape)}, {b.dtype}, seed {seed}"
-        _expect_tensor(h, b.dtype, what)
-        expect_close(h, reference.sequential_scan(*_double(a, b)), what, **TOLERANCES[b.dtype])
-        weights = _randn(generator, *b.shape, dtype=b.dtype)
+        expect_tensor(h, b.dtype, what)
+        expect_close(h, reference.sequential_scan(*as_double(a, b)), what, **TOLERANCES[b.dtype])
+        weights = randn(generator, *b.shape, dtype=b.dtype)
         try:
             grads = torch.autograd.grad((h * weights).sum(), (a, b))
         except RuntimeError as error:
             raise HiddenTestFailed(f"{what}: backward failed ({error})") from None
-        a64, b64 = (t.requires_grad_() for t in _double(a, b))
+        a64, b64 = (t.requires_grad_() for t in as_double(a, b))
         targets = torch.autograd.grad((reference.sequential_scan(a64, b64) * weights).sum(),
                                       (a64, b64))
         for name, got, target in zip(("a", "b"), grads, targets):
@@ -221,21 +200,21 @@ def ssd(student: Callable) -> None:
     generator = torch.Generator().manual_seed(seed)
     cases = []
     for dtype, steep in ((torch.float32, False), (torch.float64, False), (torch.float32, True)):
-        n = _sizes(generator, batch=(1, 2), H=(1, 4), L=(40, 60) if steep else (2, 24),
+        n = sizes(generator, batch=(1, 2), H=(1, 4), L=(40, 60) if steep else (2, 24),
                    P=(1, 5), N=(1, 6), shared=(0, 1))
         heads = 1 if n["shared"] else n["H"]
         cases.append((f"{n}, {'steep decay, ' if steep else ''}{dtype}", steep, [
-            _randn(generator, n["batch"], n["H"], n["L"], n["P"], dtype=dtype),  # x
-            F.softplus(_randn(generator, n["batch"], n["H"], n["L"], dtype=dtype)),  # dt
+            randn(generator, n["batch"], n["H"], n["L"], n["P"], dtype=dtype),  # x
+            F.softplus(randn(generator, n["batch"], n["H"], n["L"], dtype=dtype)),  # dt
             (-_uniform(generator, n["H"], low=20.0, high=40.0, dtype=dtype) if steep
-             else -torch.exp(_randn(generator, n["H"], dtype=dtype))),  # A
-            _randn(generator, n["batch"], heads, n["L"], n["N"], dtype=dtype),  # B
-            _randn(generator, n["batch"], heads, n["L"], n["N"], dtype=dtype)]))  # C
+             else -torch.exp(randn(generator, n["H"], dtype=dtype))),  # A
+            randn(generator, n["batch"], heads, n["L"], n["N"], dtype=dtype),  # B
+            randn(generator, n["batch"], heads, n["L"], n["N"], dtype=dtype)]))  # C
     with forbid(helpers=SSD_HELPERS):
         results = [student(*inputs) for _, _, inputs in cases]
     for (case, steep, inputs), y in zip(cases, results):
         what = f"ssd, {case}, seed {seed}"
         # a steep decay sums to exponents in the thousands: float32 keeps ~1e-4 of them
         tolerance = {"atol": 1e-4, "rtol": 1e-3} if steep else TOLERANCES[inputs[0].dtype]
-        expect_close(_expect_tensor(y, inputs[0].dtype, what),
-                     reference.ssd(*_double(*inputs)), what, **tolerance)
+        expect_close(expect_tensor(y, inputs[0].dtype, what),
+                     reference.ssd(*as_double(*inputs)), what, **tolerance)

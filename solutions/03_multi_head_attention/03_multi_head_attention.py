@@ -41,6 +41,7 @@ from torch import nn
 from helpers import attention as ref
 from helpers.device import get_device, is_autograding, seed_everything
 from helpers.plotting import attention_heatmap, head_patterns
+from helpers.pretrained import local_pretrained
 from helpers.tasks import (AGREEMENT_LENGTH, IGNORE_INDEX, AgreementGrammar, agreement_task,
                            previous_and_first_token_task)
 
@@ -602,8 +603,9 @@ for name, removed in [("all heads kept", [])] + [(f"without head {h}", [h])
 # Clark et al. (2019) made these measurements on BERT-base (12 layers of 12 heads). The
 # cell below repeats ours on the sentence of Linzen et al. when the `transformers` package
 # and a downloaded copy of `bert-base-uncased` are on this machine (it never downloads
-# anything itself; run `transformers.BertModel.from_pretrained("bert-base-uncased")` once
-# while online to get it), and says why it skipped otherwise. It prints the three heads that
+# anything itself; to get it, run `transformers.AutoTokenizer.from_pretrained(name)` and
+# `transformers.BertModel.from_pretrained(name)` with `name = "bert-base-uncased"` once while
+# online), and says why it skipped otherwise. It prints the three heads that
 # attend most from "are" to its subject "keys".
 
 # %% id=bert-heads
@@ -611,22 +613,10 @@ def bert_agreement_heads(name: str = "bert-base-uncased",
                          sentence: str = "the keys to the cabinet are on the table",
                          verb: str = "are", subject: str = "keys") -> None:
     """The heads of a local pretrained BERT that attend most from ``verb`` to ``subject``."""
-    if is_autograding():
-        print("skipped: not while autograding")
+    loaded = local_pretrained("BertModel", name, attn_implementation="eager")
+    if loaded is None:
         return
-    try:
-        import transformers
-    except ImportError:
-        print("skipped: the transformers package is not installed")
-        return
-    transformers.logging.set_verbosity_error()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
-        bert = transformers.BertModel.from_pretrained(name, local_files_only=True,
-                                                      attn_implementation="eager")
-    except (OSError, ValueError) as error:
-        print(f"skipped: no local copy of the {name} checkpoint ({type(error).__name__})")
-        return
+    tokenizer, bert = loaded
     tokens = tokenizer(sentence, return_tensors="pt")
     words = tokenizer.convert_ids_to_tokens(tokens.input_ids[0])
     with torch.no_grad():

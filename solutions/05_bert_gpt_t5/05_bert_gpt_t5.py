@@ -40,6 +40,7 @@ from torch import nn
 from helpers import plotting, tasks
 from helpers.attention import MultiHeadAttention, causal_mask, padding_mask
 from helpers.device import get_device, is_autograding, seed_everything
+from helpers.pretrained import local_pretrained
 from helpers.tasks import IGNORE_INDEX, ToyVocab
 from helpers.transformer import GPT, T5, BertEncoder, TransformerBlock as ReferenceBlock
 
@@ -847,28 +848,17 @@ print(f"this lesson's longest sequence: {2 * N_COPY} positions (GPT)")
 # The reference `GPT` has the same architecture as OpenAI's GPT-2 (124M parameters), so
 # `GPT.from_hf` can load its weights. The cell below does so only if the `transformers`
 # package and a downloaded copy of the `gpt2` checkpoint are on this machine (it never
-# downloads anything itself; to get it, run
-# `transformers.GPT2LMHeadModel.from_pretrained("gpt2")` once while online). Otherwise it
+# downloads anything itself; to get it, run `transformers.AutoTokenizer.from_pretrained("gpt2")`
+# and `transformers.GPT2LMHeadModel.from_pretrained("gpt2")` once while online). Otherwise it
 # says why it skipped.
 
 # %%
 def gpt2_demo(prompt: str = "The attention mechanism", new_tokens: int = 20) -> None:
     """Generate with the pretrained GPT-2 through GPT.from_hf, if it is available offline."""
-    if SHORT:
-        print("skipped: not while autograding")
+    loaded = local_pretrained("GPT2LMHeadModel", "gpt2")
+    if loaded is None:
         return
-    try:
-        import transformers
-    except ImportError:
-        print("skipped: the transformers package is not installed")
-        return
-    transformers.logging.set_verbosity_error()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained("gpt2", local_files_only=True)
-        hf_model = transformers.GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=True)
-    except (OSError, ValueError) as error:
-        print(f"skipped: no local copy of the gpt2 checkpoint ({type(error).__name__})")
-        return
+    tokenizer, hf_model = loaded
     model = GPT.from_hf(hf_model).to(device)
     idx = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     out = model.generate(idx, max_new_tokens=new_tokens)
