@@ -32,7 +32,7 @@ from helpers.device import get_device, one_cpu_thread, seed_everything
 from helpers.hybrid import Hybrid, HybridConfig, compare_mechanisms, jamba_layout
 from helpers.ssm import Mamba
 from helpers.transformer import Llama
-from timing import median_ms
+from timing import median_ms, publish
 
 TITLE = "Hybrids: Jamba's layout against pure attention and pure Mamba"
 OUT = Path(__file__).parent / "out" / "hybrid.md"
@@ -172,11 +172,7 @@ def run() -> str:
               f"{1 if device.type == 'cpu' else torch.get_num_threads()} torch thread on "
               f"{os.cpu_count()} CPUs (load average {load:.1f} at the end: other processes make "
               "CPU timings noisy)\n\n")
-    report = header + "\n".join(sections)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(report)
-    print(report)
-    return report
+    return publish(header + "\n".join(sections), OUT)
 
 
 if __name__ == "__main__":

@@ -478,7 +478,7 @@ def broken_palindromes(vocab: ToyVocab, batch: int, half_len: int,
     return tokens.to(device), labels.to(device)
 
 
-def recall_accuracy(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor
+def query_accuracy(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor
                     ) -> float:
     """Share of the scored positions (targets not :data:`IGNORE_INDEX`) where the model's
     most likely token is the target. model: (B, L) token ids -> (B, L, vocab) logits."""
@@ -498,7 +498,7 @@ def train_associative_recall(model: torch.nn.Module, n_pairs: int, vocab_size: i
 
     Adam with learning rate ``lr`` for ``steps`` steps, each on ``batch`` fresh sequences of
     ``n_pairs`` pairs (every key asked), drawn from ``generator`` on the model's device; the
-    loss is the cross-entropy at the queries. Returns the :func:`recall_accuracy` on ``test``
+    loss is the cross-entropy at the queries. Returns the :func:`query_accuracy` on ``test``
     (tokens, targets) after every ``test_every`` steps and after the last; by default only
     after the last, on 256 fresh sequences drawn then.
     """
@@ -515,11 +515,11 @@ def train_associative_recall(model: torch.nn.Module, n_pairs: int, vocab_size: i
         loss.backward()
         optimizer.step()
         if test is not None and test_every and step % test_every == 0 and step < steps:
-            accuracies.append(recall_accuracy(model, *test))
+            accuracies.append(query_accuracy(model, *test))
     if test is None:
         test = associative_recall_task(256, n_pairs, vocab_size, n_pairs, generator=generator,
                                        device=device)
-    accuracies.append(recall_accuracy(model, *test))
+    accuracies.append(query_accuracy(model, *test))
     return accuracies
 
 

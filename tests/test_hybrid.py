@@ -35,7 +35,7 @@ from helpers.ssm import Mamba
 from helpers.tasks import (
     IGNORE_INDEX,
     associative_recall_task,
-    recall_accuracy,
+    query_accuracy,
     train_associative_recall,
 )
 from helpers.transformer import Llama
@@ -425,7 +425,7 @@ class LookUp(torch.nn.Module):
 def test_recall_training_and_accuracy_score_exactly_the_queries():
     vocab, pairs = 24, 5
     test = associative_recall_task(64, pairs, vocab, generator=torch.Generator().manual_seed(4))
-    assert recall_accuracy(LookUp(vocab), *test) == 1.0
+    assert query_accuracy(LookUp(vocab), *test) == 1.0
     curve = train_associative_recall(LookUp(vocab), pairs, vocab, steps=6, batch=8,
                                      generator=torch.Generator().manual_seed(5), test=test,
                                      test_every=2)
@@ -434,7 +434,7 @@ def test_recall_training_and_accuracy_score_exactly_the_queries():
     wrong = targets.clone()
     asked = wrong != IGNORE_INDEX
     wrong[asked.nonzero()[::2].unbind(1)] = 0  # every other query's answer changed
-    assert recall_accuracy(LookUp(vocab), tokens, wrong) == pytest.approx(
+    assert query_accuracy(LookUp(vocab), tokens, wrong) == pytest.approx(
         1 - (asked.sum().item() + 1) // 2 / asked.sum().item())
 
 
