@@ -478,6 +478,51 @@ def broken_palindromes(vocab: ToyVocab, batch: int, half_len: int,
     return tokens.to(device), labels.to(device)
 
 
+def query_accuracy(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor
+                    ) -> float:
+    """Share of the scored positions (targets not :data:`IGNORE_INDEX`) where the model's
+    most likely token is the target. model: (B, L) token ids -> (B, L, vocab) logits."""
+    with torch.no_grad():
+        predicted = model(tokens).argmax(dim=-1)  # (B, L)
+    scored = targets != IGNORE_INDEX
+    return (predicted[scored] == targets[scored]).float().mean().item()
+
+
+def train_associative_recall(model: torch.nn.Module, n_pairs: int, vocab_size: int,
+                             steps: int, batch: int = 32, lr: float = 1e-2,
+                             generator: torch.Generator | None = None,
+                             test: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             test_every: int | None = None) -> list[float]:
+    """Train ``model`` on multi-query associative recall (:func:`associative_recall_task`),
+    the same way for every model that lessons 08 and 11 compare.
+
+    Adam with learning rate ``lr`` for ``steps`` steps, each on ``batch`` fresh sequences of
+    ``n_pairs`` pairs (every key asked), drawn from ``generator`` on the model's device; the
+    loss is the cross-entropy at the queries. Returns the :func:`query_accuracy` on ``test``
+    (tokens, targets) after every ``test_every`` steps and after the last; by default only
+    after the last, on 256 fresh sequences drawn then.
+    """
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    accuracies = []
+    for step in range(1, steps + 1):
+        tokens, targets = associative_recall_task(batch, n_pairs, vocab_size, n_pairs,
+                                                  generator=generator, device=device)
+        logits = model(tokens)  # (B, L, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if test is not None and test_every and step % test_every == 0 and step < steps:
+            accuracies.append(query_accuracy(model, *test))
+    if test is None:
+        test = associative_recall_task(256, n_pairs, vocab_size, n_pairs, generator=generator,
+                                       device=device)
+    accuracies.append(query_accuracy(model, *test))
+    return accuracies
+
+
 def rule_stream(batch: int, n_pairs: int, n_symbols: int = 16, n_rules: int = 4,
                 generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

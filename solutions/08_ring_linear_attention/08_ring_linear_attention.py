@@ -56,7 +56,7 @@ from helpers import linear_attention as reference
 from helpers.attention import MultiHeadAttention, causal_mask
 from helpers.device import get_device, is_autograding, one_cpu_thread, seed_everything
 from helpers.plotting import attention_heatmap, curves
-from helpers.tasks import IGNORE_INDEX, associative_recall_task
+from helpers.tasks import train_associative_recall
 
 device = get_device()
 seed_everything(0)
@@ -679,23 +679,12 @@ class RecallModel(nn.Module):
 
 
 def recall_accuracy(linear: bool, n_pairs: int, generator: torch.Generator) -> float:
-    """Train a RecallModel on MQAR with n_pairs pairs (every key asked), then return its
-    accuracy on 256 fresh sequences."""
+    """Train a RecallModel on MQAR with n_pairs pairs (every key asked; Adam, batches of 32,
+    `helpers.tasks.train_associative_recall`), then return its accuracy on 256 fresh
+    sequences."""
     model = RecallModel(MQAR_VOCAB, MQAR_EMBED, linear).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(MQAR_STEPS):
-        tokens, targets = associative_recall_task(32, n_pairs, MQAR_VOCAB, n_pairs,
-                                                  generator=generator, device=device)
-        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    tokens, targets = associative_recall_task(256, n_pairs, MQAR_VOCAB, n_pairs,
-                                              generator=generator, device=device)
-    with torch.no_grad():
-        predicted = model(tokens).argmax(dim=-1)
-    asked = targets != IGNORE_INDEX
-    return (predicted[asked] == targets[asked]).float().mean().item()
+    return train_associative_recall(model, n_pairs, MQAR_VOCAB, MQAR_STEPS, batch=32, lr=1e-2,
+                                    generator=generator)[-1]
 
 
 accuracy = {"softmax attention": [], "linear attention": []}
