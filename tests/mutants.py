@@ -395,6 +395,22 @@ MUTANTS = [
     Mutant("grading-cli-prints-every-warning", "helpers/course/cli.py",
            "for line in skipped[:20]:", "for line in skipped:",
            ("tests/test_grading_units.py::test_the_cli_shows_twenty_warnings_counts_the_rest_and_fails_when_nobody_was_graded",)),
+    Mutant("hybrid-layer-slots-shared-across-kinds", "helpers/hybrid.py",
+           "        plan.append((kind, seen[kind]))\n        seen[kind] += 1",
+           "        plan.append((kind, sum(seen.values())))\n        seen[kind] += 1",
+           ("tests/test_hybrid.py::test_layer_plan_gives_each_layer_its_slot_among_its_kind",)),
+    Mutant("hybrid-cache-position-not-advanced", "helpers/hybrid.py",
+           "            cache.seq_len += idx.shape[1]",
+           "            cache.seq_len += 0",
+           ("tests/test_hybrid.py::test_forward_in_pieces_on_one_cache_equals_one_pass",)),
+    Mutant("hybrid-linear-state-normaliser-forgets-the-past", "helpers/hybrid.py",
+           "normaliser = within.sum(-1) + (phi_q * state.k_sum[..., None, :]).sum(-1)",
+           "normaliser = within.sum(-1) + 0 * (phi_q * state.k_sum[..., None, :]).sum(-1)",
+           ("tests/test_hybrid.py::test_forward_in_pieces_on_one_cache_equals_one_pass",)),
+    Mutant("hybrid-linear-memory-without-the-normaliser", "helpers/hybrid.py",
+           "(c.head_dim ** 2 + c.head_dim) * bytes_per_elem",
+           "(c.head_dim ** 2) * bytes_per_elem",
+           ("tests/test_hybrid.py::test_decode_memory_formula_equals_what_a_real_cache_holds",)),
 ]
 
 
