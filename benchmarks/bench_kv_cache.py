@@ -8,6 +8,7 @@ picks, one run measures:
   each step): the same tokens, and the ratio of times (bar: >= 10x);
 - ``GPT.generate`` against ``transformers.GPT2LMHeadModel.generate`` with the same weights
   (``GPT.from_hf``), both cached and greedy: the same tokens, and the ratio (aim: <= 1.0);
+  and one forward over 512 tokens against theirs, as a ratio;
 - the time of one decode step against the sequence length, with the cache (flat);
 - quality against cache memory for every compressed cache of ``helpers.kv_cache``, on the
   model and task of lesson 09 (``helpers.tasks.rule_stream``).
@@ -35,6 +36,7 @@ from timing import median_ms, publish
 
 TITLE = "KV cache: cached generation and compressed caches"
 PROMPT, NEW_TOKENS, REPEATS = 16, 512, 3
+FORWARD_TOKENS = 512
 OUT = Path(__file__).parent / "out" / "kv_cache.md"
 
 
@@ -72,6 +74,23 @@ def decode_step_ms(model: GPT, prompt: torch.Tensor, steps: int) -> list[float]:
     return times
 
 
+def forward_lines(theirs: torch.nn.Module, ours: GPT, device: torch.device) -> list[str]:
+    """One forward over a whole text, ours against Hugging Face's (same weights, same run)."""
+    text = torch.randint(0, 50257, (1, FORWARD_TOKENS), generator=torch.Generator().manual_seed(2))
+    text = text.to(device)
+    with torch.no_grad():
+        difference = float((ours(text) - theirs(text).logits).abs().max())
+        times = median_ms({"ours": lambda: ours(text), "Hugging Face": lambda: theirs(text)},
+                          device, repeats=5)
+    progress(f"forward: ours {times['ours']:.0f} ms, Hugging Face {times['Hugging Face']:.0f} ms")
+    return [f"\n### One forward over {FORWARD_TOKENS} tokens, same weights (median of 5)\n",
+            "| model | ms | time / Hugging Face |", "|---|---:|---:|",
+            f"| ours (`GPT.from_hf`) | {times['ours']:.0f} | "
+            f"**{times['ours'] / times['Hugging Face']:.2f}** (bar: <= 1.0) |",
+            f"| Hugging Face `GPT2LMHeadModel` | {times['Hugging Face']:.0f} | 1.00 |",
+            f"\nlargest |logit difference|: {difference:.1e}\n"]
+
+
 def generation_section(device: torch.device) -> str:
     theirs, ours = gpt2_small(device)
     prompt = torch.randint(0, 50257, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -104,6 +123,7 @@ def generation_section(device: torch.device) -> str:
     ours_vs_hf = times["ours, KV cache"] / times["Hugging Face, cache"]
     lines.append(f"\ncached vs uncached: **{cached_vs_uncached:.1f}× faster** (bar: >= 10×); "
                  f"ours vs Hugging Face: **{ours_vs_hf:.2f}** (time ratio; bar: <= 1.0)\n")
+    lines += forward_lines(theirs, ours, device)
     steps = decode_step_ms(ours, prompt, NEW_TOKENS)
     progress("decode steps timed")
     buckets = 4
