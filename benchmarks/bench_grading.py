@@ -1,7 +1,7 @@
 """How fast a class is graded, and what a large one would take.
 
-A class of N students who each hand in every lesson (01-05 today; each notebook made
-distinct, so none is graded once for several students) is graded:
+A class of N students who each hand in lessons 01-05 (each notebook made distinct, so none
+is graded once for several students; all eleven lessons would take hours here) is graded:
 
 - on the local process pool at ``--jobs 1`` and ``--jobs 2`` (notebooks per minute, and the
   peak memory of the grader with all its children and kernels),

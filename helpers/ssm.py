@@ -210,7 +210,7 @@ def _discretize(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.
 
     u, delta (batch, T, D), A (D, N), B (batch, T, N) -> Ā, B̄u (batch, T, D, N) each.
     """
-    A_bar = torch.exp(delta[..., None] * A)  # (batch, T, D, N)
+    A_bar = (delta[..., None] * A).exp_()  # (batch, T, D, N)
     Bu = (delta * u)[..., None] * B[:, :, None, :]  # (batch, T, D, N)
     return A_bar, Bu
 
