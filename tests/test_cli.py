@@ -139,6 +139,7 @@ def test_ctrl_c_stops_the_lab_with_jupyters_own_shutdown(tmp_path):
             lab.communicate()
     assert lab.returncode == 0, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "Use Control-C to stop this server" in output and "twice" not in output, output
     left = sorted(path.name for path in runtime.iterdir() if path.name.startswith(("jpserver-", "kernel-")))
     assert not left, f"the lab left {left} behind"
 

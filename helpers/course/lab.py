@@ -18,6 +18,7 @@ settings are left as they are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -77,6 +78,15 @@ class CourseServerApp(ServerApp):
     def init_signal(self) -> None:
         super().init_signal()
         signal.signal(signal.SIGINT, self._signal_stop)
+        self.log.addFilter(_one_ctrl_c)
+
+
+def _one_ctrl_c(record: logging.LogRecord) -> bool:
+    """Jupyter's start-up line promises a confirmation that :class:`CourseServerApp` does not
+    ask for ("twice to skip confirmation"): say what one Ctrl-C does instead."""
+    if "twice to skip confirmation" in str(record.msg):
+        record.msg, record.args = "Use Control-C to stop this server and shut down all kernels.", ()
+    return True
 
 
 class CourseLabApp(LabApp):
