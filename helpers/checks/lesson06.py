@@ -216,9 +216,10 @@ def hbm_accesses(fn: Callable) -> None:
 
 # --- exercise 2: merging online-softmax states ---------------------------------------------
 
-def _state(scores: torch.Tensor, values: torch.Tensor
+def softmax_state(scores: torch.Tensor, values: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(m, l, acc) of scores (..., L, n) over values (..., n, Dv); empty rows if all -inf."""
+    """(m, l, acc) of scores (..., L, n) over values (..., n, Dv); empty rows if all -inf: the
+    state the online softmax carries (Milakov & Gimelshein, 2018), computed in one go."""
     m = scores.amax(dim=-1)
     shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = (scores - shift[..., None]).exp()
@@ -230,7 +231,7 @@ def merge_softmax_states(fn: Callable) -> None:
     """Check ``merge_softmax_states(m_a, l_a, acc_a, m_b, l_b, acc_b) -> (m, l, acc)``."""
     s_a, s_b = randn(B, 5, 7, seed=10) * 3, randn(B, 5, 4, seed=11) * 3 + 2  # (B, L, n)
     v_a, v_b = randn(B, 7, 3, seed=12), randn(B, 4, 3, seed=13)  # (B, n, Dv)
-    a, b = _state(s_a, v_a), _state(s_b, v_b)
+    a, b = softmax_state(s_a, v_a), softmax_state(s_b, v_b)
     copies = [t.clone() for t in (*a, *b)]
     hint = ("m and l are (..., L) = (2, 5), acc is (..., L, Dv) = (2, 5, 3): scale the "
             "accumulators by the (..., L, 1) factor, e.g. scale[..., None]")
@@ -244,7 +245,7 @@ def merge_softmax_states(fn: Callable) -> None:
     expect_shape(l, (B, 5), "l", "one running sum per query")
     expect_shape(acc, (B, 5, 3), "acc", "one accumulator (Dv values) per query")
     all_scores, all_values = torch.cat([s_a, s_b], -1), torch.cat([v_a, v_b], -2)
-    m_true, l_true, acc_true = _state(all_scores, all_values)
+    m_true, l_true, acc_true = softmax_state(all_scores, all_values)
     expect_close(m, m_true, "m", "the merged m is the larger of the two maxima, "
                  "torch.maximum(m_a, m_b)")
     expect(not is_close(l, a[1] + b[1]), "l is the plain sum l_a + l_b: each side must be "

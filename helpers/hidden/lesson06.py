@@ -14,7 +14,7 @@ import torch
 from helpers import attention as attention_reference
 from helpers import flash as reference
 from helpers.checks.lesson06 import (AutogradWatch, TileWatch, matmul_flops, run_function,
-                                     tile_flops)
+                                     softmax_state, tile_flops)
 from helpers.hidden._core import HiddenTestFailed, expect_close, forbid, randn, random_seed
 
 DTYPES = (torch.float32, torch.float64)
@@ -128,15 +128,6 @@ def hbm_accesses(student: Callable) -> None:
 
 # --- exercise 2 -----------------------------------------------------------------------------
 
-def _state(scores: torch.Tensor, values: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(m, l, acc) of scores (..., L, n) over values (..., n, Dv), empty rows if all -inf."""
-    m = scores.amax(dim=-1)
-    shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    p = (scores - shift[..., None]).exp()
-    return m, p.sum(dim=-1), p @ values
-
-
 def merge_softmax_states(student: Callable) -> None:
     """Random states with different maxima, some rows empty on one side or both."""
     seed = random_seed()
@@ -150,12 +141,12 @@ def merge_softmax_states(student: Callable) -> None:
         s_a[:, 0], s_b[:, 1], s_a[:, 2], s_b[:, 2] = -math.inf, -math.inf, -math.inf, -math.inf
         v_a = randn(generator, n["B"], n["n_a"], n["Dv"], dtype=torch.float64)
         v_b = randn(generator, n["B"], n["n_b"], n["Dv"], dtype=torch.float64)
-        a, b = _state(s_a, v_a), _state(s_b, v_b)
+        a, b = softmax_state(s_a, v_a), softmax_state(s_b, v_b)
         what = f"merge_softmax_states, {n}, {dtype}, seed {seed}"
         with forbid(helpers=FLASH_HELPERS):
             result = _expect_tuple(_run(student, *(x.to(dtype) for x in (*a, *b)), what=what),
                                    3, what)
-        expected = _state(torch.cat([s_a, s_b], -1), torch.cat([v_a, v_b], -2))
+        expected = softmax_state(torch.cat([s_a, s_b], -1), torch.cat([v_a, v_b], -2))
         for name, value, target in zip(("m", "l", "acc"), result, expected):
             value = _expect_dtype(value, dtype, f"{what}: {name}")
             if bool(torch.isnan(value).any()):
